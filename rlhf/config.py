@@ -1,0 +1,554 @@
+"""Typed stage configs: dataclasses loaded from YAML, overridden by ``key.sub=value`` arguments, strictly validated.
+
+Every field is declared with :func:`option`, which carries its one-line doc, whether it is *semantic* (changes the
+result, so it enters the stage's fingerprint) and its numeric range. Unknown keys are errors naming the closest valid
+key; values are checked against the field's type (``Literal`` modes against their allowed set) and range. Derived
+values are properties, never stored fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+
+import yaml
+
+from rlhf.errors import ConfigError
+
+C = TypeVar("C")
+
+_MISSING = dataclasses.MISSING
+
+
+def option(
+    default: Any = _MISSING,
+    *,
+    doc: str,
+    semantic: bool = True,
+    default_factory: Any = _MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """Declare a config field with its doc, its semantic flag and an optional numeric range."""
+    metadata = {"doc": doc, "semantic": semantic, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if default_factory is not _MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(factory: Any, doc: str) -> Any:
+    """A nested config part (``factory`` builds its default, e.g. a class or a lambda with stage defaults); its own
+    fields carry their semantic flags."""
+    return field(default_factory=factory, metadata={"doc": doc, "semantic": True, "section": True})
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = option(
+        "data/base-model",
+        doc="Local model directory, stage output or hub model id (its content enters the fingerprint as an input).",
+        semantic=False,
+    )
+    revision: str | None = option(None, doc="Hub revision (branch, tag or commit) when name_or_path is a hub id.")
+    tokenizer_name_or_path: str | None = option(
+        None, doc="Tokenizer location when it differs from the model's (an input, like name_or_path).", semantic=False
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", doc="Weights and compute dtype.")
+    gradient_checkpointing: bool = option(
+        False, doc="Recompute activations in the backward pass to save memory.", semantic=False
+    )
+    attn_implementation: str | None = option(
+        None, doc="Attention kernel (eager, sdpa, flash_attention_2); None lets transformers choose.", semantic=False
+    )
+    trust_remote_code: bool = option(False, doc="Allow model code from the checkpoint to run. Off unless you trust it.")
+
+
+@dataclass
+class PeftConfig:
+    """Which parameters to train: all, LoRA adapters, a prefix, or the top blocks only."""
+
+    method: Literal["full", "lora", "prefix", "partial"] = option("full", doc="Tuning method.")
+    lora_r: int = option(8, doc="LoRA rank.", ge=1)
+    lora_alpha: float = option(16.0, doc="LoRA scaling numerator (scale = alpha / r).", gt=0)
+    lora_dropout: float = option(0.0, doc="Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list[str] | None = option(
+        None, doc="Module names LoRA wraps; None means every linear layer except the output head."
+    )
+    num_virtual_tokens: int = option(16, doc="Prefix length for prefix tuning.", ge=1)
+    trainable_top_blocks: int = option(1, doc="Partial tuning: how many of the top transformer blocks train.", ge=0)
+    trainable_modules: list[str] = option(
+        default_factory=list, doc="Partial tuning: extra parameter-name substrings that also train (e.g. lm_head)."
+    )
+    save: Literal["merged", "adapter"] = option("merged", doc="Save LoRA merged into the weights, or as an adapter.")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how bad rows are handled."""
+
+    path: str = option(
+        "data/demo/sft.jsonl",
+        doc="jsonl/json/parquet/csv file, save_to_disk directory or hub name (its content enters the fingerprint).",
+        semantic=False,
+    )
+    split: str = option("train", doc="Split to read from a saved or hub dataset.")
+    eval_path: str | None = option(
+        None, doc="Separate held-out data; None splits eval_fraction off path.", semantic=False
+    )
+    eval_split: str | None = option(None, doc="Split of eval_path (or of path) used for evaluation.")
+    eval_fraction: float = option(0.05, doc="Fraction held out for evaluation when there is no eval data.", ge=0, lt=1)
+    prompt_marker: str = option(
+        "\n\nAssistant:", doc="Where implicit-prompt preference texts split into prompt and answer (the last one)."
+    )
+    on_bad_row: Literal["error", "drop"] = option("drop", doc="What to do with rows whose content is unusable.")
+    max_bad_fraction: float = option(0.05, doc="Fail anyway when more than this fraction of rows is bad.", ge=0, le=1)
+    max_length: int | None = option(None, doc="Longest row in tokens; longer rows are bad rows (never truncated).", ge=1)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    learning_rate: float = option(5e-4, doc="Peak learning rate.", gt=0)
+    weight_decay: float = option(0.0, doc="AdamW weight decay.", ge=0)
+    adam_beta1: float = option(0.9, doc="AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = option(0.999, doc="AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = option(1e-8, doc="AdamW epsilon.", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = option("cosine", doc="Decay after warmup.")
+    warmup_ratio: float = option(0.0, doc="Fraction of the steps spent warming up linearly.", ge=0, le=1)
+    max_grad_norm: float = option(1.0, doc="Clip the global gradient norm to this; 0 disables clipping.", ge=0)
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go. Secrets come from the environment only."""
+
+    report_to: list[str] = option(
+        default_factory=lambda: ["jsonl"], doc="Trackers: jsonl (always on), wandb, tensorboard.", semantic=False
+    )
+    project: str = option("rlhf", doc="W&B project.", semantic=False)
+    entity: str | None = option(None, doc="W&B entity (team or user).", semantic=False)
+    group: str | None = option(None, doc="W&B group; the pipeline sets one per run.", semantic=False)
+    run_name: str | None = option(None, doc="Display name of the tracker run.", semantic=False)
+    log_every: int = option(10, doc="Log training metrics every N optimiser steps.", semantic=False, ge=1)
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = option("INFO", doc="Log level.", semantic=False)
+
+
+@dataclass
+class CheckpointConfig:
+    """Intermediate checkpoints inside the stage's output directory."""
+
+    save_every: int = option(0, doc="Save a resumable checkpoint every N steps; 0 saves only at the end.",
+                             semantic=False, ge=0)
+    keep_last: int = option(2, doc="How many intermediate checkpoints to keep.", semantic=False, ge=1)
+    resume: bool = option(False, doc="Continue from the newest complete checkpoint in the output directory.",
+                          semantic=False)
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has."""
+
+    run_dir: str = option("runs/demo", doc="Run directory; the stage writes <run_dir>/<stage>.", semantic=False)
+    output_dir: str | None = option(None, doc="Write here instead of <run_dir>/<stage>.", semantic=False)
+    seed: int = option(0, doc="Seed of this stage; each process derives its own from it.", ge=0)
+    full_determinism: bool = option(
+        False, doc="Deterministic kernels everywhere (slower); seeds alone already fix the data order.", semantic=False
+    )
+    threads: int | None = option(None, doc="torch intra-op threads; None keeps torch's default.", semantic=False, ge=1)
+
+    #: The stage name (pretrain, sft, reward, ppo, evaluate); set by each subclass.
+    stage: typing.ClassVar[str] = "stage"
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses extend this and raise ConfigError with the key to change."""
+
+    def input_paths(self) -> dict[str, str]:
+        """The files and directories this stage reads (models, data), by name; their fingerprints enter the
+        stage's fingerprint in place of the path strings, so moving a run directory keeps it up to date."""
+        return {}
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, Sequence):
+        (arg,) = typing.get_args(tp)
+        return f"list[{_type_name(arg)}]"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting where the meaning is unambiguous)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}{extra}")
+        return value
+    if origin in (list, Sequence):
+        (arg,) = typing.get_args(tp)
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(arg)}, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            # YAML 1.1 reads "1e-5" as a string; a float field takes it as the number it means.
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for bound, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        limit = meta.get(bound)
+        if limit is not None and not ok(value, limit):
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {word} {limit}")
+
+
+def field_paths(cls: type, prefix: str = "") -> list[str]:
+    """All leaf keys of a config class in dotted form, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_config(tp):
+            paths.extend(field_paths(tp, f"{prefix}{f.name}."))
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def _unknown_key(cls: type, key: str, source: str) -> ConfigError:
+    valid = field_paths(cls)
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not hint:
+        # A right leaf name under the wrong section ("learning_rate" instead of "optim.learning_rate").
+        leaf = key.rsplit(".", 1)[-1]
+        hint = [p for p in valid if p.rsplit(".", 1)[-1] == leaf][:1]
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"unknown config key {key!r} in {source}{suggestion} (--help lists every key)")
+
+
+def _build(cls: type[C], data: Mapping[str, Any], source: str, root: type, prefix: str = "") -> C:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise _unknown_key(root, prefix + str(key), source)
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        tp = hints[name]
+        if _is_config(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, source, root, key + ".")
+        else:
+            value = _coerce(data[name], tp, key)
+            _check_range(value, f.metadata, key)
+            kwargs[name] = value
+    obj = cls(**kwargs)
+    # Defaults are checked too, so a subclass cannot ship an out-of-range default unnoticed.
+    for name, f in known.items():
+        if name not in data and not _is_config(hints[name]):
+            _check_range(getattr(obj, name), f.metadata, prefix + name)
+    return obj
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` and read the value as YAML (so ``true``, ``3``, ``[a, b]`` and ``null`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), *, data: Mapping | None = None
+) -> C:
+    """Build ``cls`` from a YAML file (or a mapping) plus ``key.sub=value`` overrides, validated."""
+    tree: dict[str, Any] = dict(data or {})
+    source = "the given mapping" if data is not None else "defaults"
+    if path is not None:
+        tree = read_yaml(path)
+        source = str(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source = f"{source} (with overrides)" if path is not None else "the overrides"
+    cfg = _build(cls, tree, source, cls)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data."""
+    return dataclasses.asdict(cfg)
+
+
+def semantic_dict(cfg: Any) -> dict[str, Any]:
+    """Only the fields that change the result: what enters the fingerprint."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = semantic_dict(value)
+        elif f.metadata.get("semantic", True):
+            out[f.name] = value
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def format_help(cls: type, prog: str) -> str:
+    """Every field with its type, default, semantic flag and doc: the launchers' ``--help``."""
+    lines = [
+        f"usage: {prog} [--config FILE.yaml] [--print-config] [key.sub=value ...]",
+        "",
+        (cls.__doc__ or "").strip(),
+        "",
+        "Keys (semantic ones change the result and the stage's fingerprint; the others do not):",
+    ]
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            tp = hints[f.name]
+            value = getattr(obj, f.name)
+            if _is_config(tp):
+                lines.append(f"  [{prefix}{f.name}] {f.metadata.get('doc', '')}")
+                walk(value, prefix + f.name + ".")
+                continue
+            flag = "semantic" if f.metadata.get("semantic", True) else "not semantic"
+            lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {value!r}  ({flag})")
+            lines.append(f"      {f.metadata.get('doc', '')}")
+
+    walk(cls(), "")
+    return "\n".join(lines) + "\n"
+
+
+def parse_cli(cls: type[C], argv: Sequence[str] | None, *, default_config: str | Path | None, prog: str) -> C:
+    """The launchers' command line: ``[--config FILE] [--print-config] [key=value ...]``; ``--help`` exits."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        sys.stdout.write(format_help(cls, prog))
+        raise SystemExit(0)
+    config_path: str | Path | None = default_config
+    print_config = False
+    overrides = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file path")
+            config_path = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--print-config":
+            print_config = True
+        elif arg.startswith("--"):
+            raise ConfigError(f"unknown option {arg!r}; options are --config, --print-config, --help, then key=value")
+        else:
+            overrides.append(arg)
+        i += 1
+    cfg = load_config(cls, config_path, overrides)
+    if print_config:
+        sys.stdout.write(to_yaml(cfg))
+        raise SystemExit(0)
+    return cfg
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """A BPE tokenizer trained from scratch on the corpus (pretraining only)."""
+
+    vocab_size: int = option(1024, doc="Vocabulary size including special tokens.", ge=64)
+    min_frequency: int = option(2, doc="Merges need a pair seen at least this often.", ge=1)
+
+
+@dataclass
+class ArchitectureConfig:
+    """Size of a model built from scratch (GPT-2 for clm, BERT for mlm and mlm_nsp)."""
+
+    n_layer: int = option(4, doc="Transformer blocks.", ge=1)
+    n_embd: int = option(128, doc="Hidden size.", ge=8)
+    n_head: int = option(4, doc="Attention heads; must divide n_embd.", ge=1)
+    n_positions: int = option(128, doc="Longest sequence the model can take.", ge=8)
+    dropout: float = option(0.0, doc="Dropout in embeddings, attention and MLP.", ge=0, lt=1)
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    """Pretrain a tiny base model from scratch on a text corpus (the demo's base model, or an encoder backbone)."""
+
+    stage: typing.ClassVar[str] = "pretrain"
+
+    objective: Literal["clm", "mlm", "mlm_nsp"] = option(
+        "clm", doc="clm: GPT-2 causal LM; mlm: BERT masked LM; mlm_nsp: BERT masked LM + next-sentence prediction."
+    )
+    data: DataConfig = section(
+        lambda: DataConfig(path="data/demo/corpus.jsonl", eval_fraction=0.02), "The corpus: rows with a 'text' column."
+    )
+    tokenizer: TokenizerTrainConfig = section(TokenizerTrainConfig, "Tokenizer training.")
+    arch: ArchitectureConfig = section(ArchitectureConfig, "Model size.")
+    optim: OptimConfig = section(lambda: OptimConfig(learning_rate=3e-3, warmup_ratio=0.05), "Optimiser.")
+    logging: LoggingConfig = section(LoggingConfig, "Trackers.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    max_steps: int = option(300, doc="Optimiser steps.", ge=1)
+    batch_size: int = option(32, doc="Global batch in sequences per optimiser step (any number of processes).", ge=1)
+    micro_batch_size: int = option(32, doc="Sequences per forward pass on one process.", ge=1, semantic=False)
+    seq_len: int = option(128, doc="Tokens per training sequence (documents are packed).", ge=8)
+    mlm_probability: float = option(0.15, doc="Fraction of tokens masked for mlm objectives.", gt=0, lt=1)
+    eval_every: int = option(100, doc="Evaluate the held-out loss every N steps (and at the end).", ge=1,
+                             semantic=False)
+
+    def validate(self) -> None:
+        if self.arch.n_embd % self.arch.n_head:
+            raise ConfigError(
+                f"arch.n_head={self.arch.n_head} must divide arch.n_embd={self.arch.n_embd}; change one of them"
+            )
+        if self.seq_len > self.arch.n_positions:
+            raise ConfigError(
+                f"seq_len={self.seq_len} exceeds arch.n_positions={self.arch.n_positions}; lower seq_len or "
+                "raise arch.n_positions"
+            )
+
+    def input_paths(self) -> dict[str, str]:
+        return {"data": self.data.path}
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per optimiser step on each process, so that the global batch stays ``batch_size``."""
+        per_step = self.micro_batch_size * num_processes
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size} x "
+                f"{num_processes} processes; change batch_size or micro_batch_size"
+            )
+        return self.batch_size // per_step

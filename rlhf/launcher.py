@@ -1,0 +1,51 @@
+"""The shared body of every ``launch/<stage>.py``: parse the command line, set up logging, run the stage.
+
+Errors the user can fix (``RLHFError``: bad config, bad data, missing inputs) print one message and exit with
+status 2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rlhf.config import parse_cli
+from rlhf.errors import RLHFError
+
+#: Exit status of a run stopped by a problem in its input, config or environment.
+EXIT_USER_ERROR = 2
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_config_path(stage: str, name: str = "demo") -> Path:
+    """``configs/<stage>/<name>.yaml`` of this checkout."""
+    return REPO_ROOT / "configs" / stage / f"{name}.yaml"
+
+
+def launch(
+    run: Callable[[Any], Path],
+    config_cls: type,
+    *,
+    default_config: str | Path | None,
+    prog: str,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Run one stage from the command line; returns the process exit status."""
+    from rlhf.tracking import setup_logging
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = parse_cli(config_cls, argv, default_config=default_config, prog=prog)
+        setup_logging(cfg.logging.level, rank=rank)
+        output_dir = run(cfg)
+    except RLHFError as exc:
+        logging.getLogger(prog).debug("stopped by a user-facing error", exc_info=True)
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USER_ERROR
+    if rank == 0:
+        sys.stdout.write(f"{cfg.stage}: complete -> {output_dir}\n")
+    return 0

@@ -1,0 +1,121 @@
+"""What every stage does around its training loop: seeds, threads, the output directory, tracking, the manifest.
+
+A stage's ``run(cfg)`` opens a :class:`StageRun`, trains, saves its files into ``run.output_dir`` and calls
+:meth:`StageRun.complete` last; that writes the manifest, which is what makes the directory a usable input.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from rlhf.checkpoint import begin_output, config_path, output_dir_of, stage_fingerprint, write_manifest, write_text_atomic
+from rlhf.config import to_dict, to_yaml
+
+logger = logging.getLogger(__name__)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-process seed derived from the stage seed; rank 0 keeps the stage seed itself."""
+    if rank == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int, *, rank: int = 0, full_determinism: bool = False) -> int:
+    """Seed python, numpy and torch for this process; returns the seed used."""
+    used = rank_seed(seed, rank)
+    random.seed(used)
+    np.random.seed(used)
+    torch.manual_seed(used)
+    if full_determinism:
+        # cuBLAS needs this workspace setting for deterministic matmuls (CUDA docs, "Reproducibility").
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        if torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+    return used
+
+
+def configure_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+class StageRun:
+    """The frame of one stage run on one process.
+
+    On entry: threads and seeds set, the output directory marked incomplete (main process), the resolved config
+    written, the tracker opened. ``complete(metrics)`` writes the manifest last (main process). On an exception the
+    tracker is closed and no manifest is written, so the directory stays incomplete.
+    """
+
+    def __init__(self, cfg: Any, *, rank: int = 0, is_main_process: bool = True):
+        self.cfg = cfg
+        self.rank = rank
+        self.is_main_process = is_main_process
+        self.output_dir = output_dir_of(cfg)
+        self.fingerprint, self.inputs = stage_fingerprint(cfg)
+        self.seed = rank_seed(cfg.seed, rank)
+        self.tracker: Any = None
+
+    def __enter__(self) -> "StageRun":
+        from rlhf.tracking import Tracker
+
+        configure_threads(self.cfg.threads)
+        seed_everything(self.cfg.seed, rank=self.rank, full_determinism=self.cfg.full_determinism)
+        if self.is_main_process:
+            begin_output(self.output_dir)
+            write_text_atomic(config_path(self.output_dir), to_yaml(self.cfg))
+        log_cfg = self.cfg.logging
+        self.tracker = Tracker(
+            self.output_dir,
+            stage=self.cfg.stage,
+            report_to=log_cfg.report_to,
+            run_name=log_cfg.run_name or f"{Path(self.cfg.run_dir).name}-{self.cfg.stage}",
+            project=log_cfg.project,
+            group=log_cfg.group or Path(self.cfg.run_dir).name,
+            entity=log_cfg.entity,
+            config=to_dict(self.cfg),
+            is_main_process=self.is_main_process,
+            wandb_dir=Path(self.cfg.run_dir),
+        )
+        # Objects built during start-up (modules, tokenizers, datasets) live for the whole run; freezing them keeps
+        # the cyclic collector from re-scanning them on every collection.
+        gc.collect()
+        gc.freeze()
+        logger.info("%s: writing %s (fingerprint %s)", self.cfg.stage, self.output_dir, self.fingerprint)
+        return self
+
+    def complete(self, metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+        """Record final metrics and write the manifest; the last thing a stage does."""
+        if self.tracker is not None and metrics:
+            self.tracker.summary(dict(metrics))
+        if self.is_main_process:
+            write_manifest(
+                self.output_dir,
+                stage=self.cfg.stage,
+                fingerprint=self.fingerprint,
+                config=to_dict(self.cfg),
+                inputs=self.inputs,
+                seed=self.cfg.seed,
+                metrics=metrics,
+                extra=extra,
+            )
+            logger.info("%s: complete -> %s", self.cfg.stage, self.output_dir)
+        return self.output_dir
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+        gc.unfreeze()
