@@ -307,11 +307,14 @@ def _unknown_key(cls: type, key: str, source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}{suggestion} (--help lists every key)")
 
 
-def _build(cls: type[C], data: Mapping[str, Any], source: str, root: type, prefix: str = "") -> C:
+def _build(cls: type[C], data: Mapping[str, Any], source: str, root: type, prefix: str = "", base: Any = None) -> C:
+    """``base`` (default: ``cls()``) with the keys of ``data`` replaced; nested sections start from the parent's
+    default for them, so a stage's own section defaults survive a partial override."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    base = cls() if base is None else base
     for key in data:
         if key not in known:
             raise _unknown_key(root, prefix + str(key), source)
@@ -322,12 +325,13 @@ def _build(cls: type[C], data: Mapping[str, Any], source: str, root: type, prefi
         key = prefix + name
         tp = hints[name]
         if _is_config(tp):
-            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, source, root, key + ".")
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, source, root, key + ".",
+                                  getattr(base, name))
         else:
             value = _coerce(data[name], tp, key)
             _check_range(value, f.metadata, key)
             kwargs[name] = value
-    obj = cls(**kwargs)
+    obj = dataclasses.replace(base, **kwargs)
     # Defaults are checked too, so a subclass cannot ship an out-of-range default unnoticed.
     for name, f in known.items():
         if name not in data and not _is_config(hints[name]):

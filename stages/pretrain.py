@@ -220,7 +220,9 @@ def run(cfg: PretrainConfig) -> Path:
                                       optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
         scheduler = get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=math.ceil(
             optim.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        # The scheduler stays unprepared: accelerate would step it once per process, but max_steps counts optimiser
+        # steps of the global batch whatever the number of processes.
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
 
@@ -267,4 +269,4 @@ def run(cfg: PretrainConfig) -> Path:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(stage.output_dir)
             tokenizer.save_pretrained(stage.output_dir)
-        return stage.complete(metrics, extra={"data": data.stats})
+        return stage.complete(metrics, extra={"data": data.stats, "num_processes": accelerator.num_processes})

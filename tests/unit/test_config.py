@@ -49,6 +49,12 @@ def test_defaults_and_section_factory_defaults():
     assert cfg.total == 20
 
 
+def test_partial_section_override_keeps_stage_section_defaults():
+    cfg = load_config(ToyConfig, None, ["optim.max_grad_norm=0"])
+    assert cfg.optim.max_grad_norm == 0
+    assert cfg.optim.learning_rate == 1e-3  # the stage's default for its section, not OptimConfig's
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 5\noptim:\n  learning_rate: 2.0e-4\n  lr_scheduler: linear\ntags: [x]\n")
