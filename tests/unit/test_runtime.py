@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import pytest
+import torch
+import yaml
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import CheckpointConfig, LoggingConfig, StageConfig, load_config, option, section
+from rlhf.runtime import StageRun, rank_seed, seed_everything
+
+
+@dataclasses.dataclass
+class ToyConfig(StageConfig):
+    """A toy stage."""
+
+    stage: ClassVar[str] = "toy"
+    data: str = option("", doc="input", semantic=False)
+    lr: float = option(0.1, doc="lr")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+
+    def input_paths(self):
+        return {"data": self.data}
+
+
+def test_rank_seeds_differ_per_rank_and_are_stable():
+    assert rank_seed(7, 0) == 7
+    seeds = {rank_seed(7, r) for r in range(8)}
+    assert len(seeds) == 8
+    assert rank_seed(7, 3) == rank_seed(7, 3)
+    seed_everything(7, rank=1)
+    a = torch.rand(3)
+    seed_everything(7, rank=1)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_stage_run_writes_config_then_manifest_last(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    cfg = load_config(ToyConfig, None, [f"run_dir={tmp_path}", f"data={data}", "seed=3"])
+    with StageRun(cfg) as run:
+        assert yaml.safe_load((run.output_dir / "config.yaml").read_text())["lr"] == 0.1
+        assert read_manifest(run.output_dir) is None
+        run.tracker.log({"train/loss": 1.0}, step=1)
+        run.complete({"train/loss": 1.0})
+    manifest = read_manifest(tmp_path / "toy")
+    assert manifest["seed"] == 3 and manifest["metrics"] == {"train/loss": 1.0}
+    assert manifest["inputs"]["data"]["path"] == str(data)
+    assert manifest["fingerprint"] == run.fingerprint
+
+
+def test_failed_stage_run_leaves_no_manifest(tmp_path):
+    cfg = load_config(ToyConfig, None, [f"run_dir={tmp_path}"])
+    with StageRun(cfg) as run:
+        run.complete({})
+    assert read_manifest(tmp_path / "toy") is not None
+    with pytest.raises(RuntimeError):
+        with StageRun(cfg):
+            raise RuntimeError("killed half-way")
+    assert read_manifest(tmp_path / "toy") is None  # the rerun's failure does not leave the old manifest standing
