@@ -556,3 +556,86 @@ class PretrainConfig(StageConfig):
                 f"{num_processes} processes; change batch_size or micro_batch_size"
             )
         return self.batch_size // per_step
+
+
+@dataclass
+class TrainerConfig:
+    """Batching and schedule of the TRL-trained stages (SFT and reward)."""
+
+    num_epochs: float = option(1.0, doc="Passes over the training data (ignored when max_steps is set).", gt=0)
+    max_steps: int | None = option(None, doc="Optimiser steps; overrides num_epochs.", ge=1)
+    batch_size: int = option(32, doc="Global batch in examples per optimiser step (any number of processes).", ge=1)
+    micro_batch_size: int = option(8, doc="Examples per forward pass on one process.", ge=1, semantic=False)
+    eval_every: int = option(50, doc="Evaluate on the held-out split every N steps (and at the end).", ge=1,
+                             semantic=False)
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per optimiser step on each process, so that the global batch stays ``batch_size``."""
+        per_step = self.micro_batch_size * num_processes
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
+                f"{self.micro_batch_size} x {num_processes} processes; change one of them"
+            )
+        return self.batch_size // per_step
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning of a causal LM on prompt/completion or conversational data (TRL SFTTrainer)."""
+
+    stage: typing.ClassVar[str] = "sft"
+
+    model: ModelConfig = section(ModelConfig, "The base model.")
+    peft: PeftConfig = section(PeftConfig, "Which parameters train.")
+    data: DataConfig = section(lambda: DataConfig(path="data/demo/sft.jsonl", max_length=128),
+                               "prompt/completion or messages data.")
+    optim: OptimConfig = section(lambda: OptimConfig(learning_rate=1e-3, warmup_ratio=0.05), "Optimiser.")
+    train: TrainerConfig = section(lambda: TrainerConfig(num_epochs=2.0, batch_size=32, micro_batch_size=32),
+                                   "Batching and schedule.")
+    logging: LoggingConfig = section(LoggingConfig, "Trackers.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    completion_only_loss: bool = option(
+        True, doc="Loss on completions / assistant turns only (their stop token included)."
+    )
+    packing: bool = option(False, doc="Pack several examples into each sequence of data.max_length tokens.")
+
+    def validate(self) -> None:
+        if self.packing and self.data.max_length is None:
+            raise ConfigError("packing=true needs data.max_length (the packed sequence length)")
+
+    def input_paths(self) -> dict[str, str]:
+        return {"model": self.model.name_or_path, "tokenizer": self.model.tokenizer_name_or_path or "",
+                "data": self.data.path, "eval_data": self.data.eval_path or ""}
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """Reward-model training on preference pairs with a Bradley-Terry loss (TRL RewardTrainer)."""
+
+    stage: typing.ClassVar[str] = "reward"
+
+    model: ModelConfig = section(
+        lambda: ModelConfig(name_or_path=""),
+        "The backbone: empty means this run's SFT output; or any causal LM or encoder (BERT-style) directory.",
+    )
+    peft: PeftConfig = section(PeftConfig, "Which parameters train (the score head always trains).")
+    data: DataConfig = section(lambda: DataConfig(path="data/demo/preferences.jsonl", max_length=160),
+                               "Preference pairs.")
+    optim: OptimConfig = section(lambda: OptimConfig(learning_rate=5e-4, warmup_ratio=0.05), "Optimiser.")
+    train: TrainerConfig = section(lambda: TrainerConfig(num_epochs=2.0, batch_size=32, micro_batch_size=32),
+                                   "Batching and schedule.")
+    logging: LoggingConfig = section(LoggingConfig, "Trackers.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    center_rewards_coefficient: float | None = option(
+        None, doc="Weight of the penalty on squared rewards that centres them near 0 (Eisenstein et al. 2023).", ge=0
+    )
+
+    @property
+    def backbone_path(self) -> str:
+        """The model to start from: ``model.name_or_path``, or this run's SFT output when that is empty."""
+        return self.model.name_or_path or str(Path(self.run_dir) / "sft")
+
+    def input_paths(self) -> dict[str, str]:
+        return {"model": self.backbone_path, "tokenizer": self.model.tokenizer_name_or_path or "",
+                "data": self.data.path, "eval_data": self.data.eval_path or ""}

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from rlhf.config import parse_cli
 from rlhf.errors import RLHFError
+from rlhf.signals import EXIT_INTERRUPTED, StageInterrupted
 
 #: Exit status of a run stopped by a problem in its input, config or environment.
 EXIT_USER_ERROR = 2
@@ -42,6 +43,9 @@ def launch(
         cfg = parse_cli(config_cls, argv, default_config=default_config, prog=prog)
         setup_logging(cfg.logging.level, rank=rank)
         output_dir = run(cfg)
+    except StageInterrupted as exc:
+        sys.stderr.write(f"interrupted: {exc}\n")
+        return EXIT_INTERRUPTED
     except RLHFError as exc:
         logging.getLogger(prog).debug("stopped by a user-facing error", exc_info=True)
         sys.stderr.write(f"error: {exc}\n")

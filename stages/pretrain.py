@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -227,6 +228,7 @@ def run(cfg: PretrainConfig) -> Path:
             eval_loader = accelerator.prepare(eval_loader)
 
         # 4. Train.
+        started = time.perf_counter()
         model.train()
         batches = _forever(train_loader)
         first_loss = last_loss = float("nan")
@@ -262,6 +264,7 @@ def run(cfg: PretrainConfig) -> Path:
             "eval/loss": eval_loss,
             "num_parameters": num_params,
             "steps": cfg.max_steps,
+            "time/train_s": time.perf_counter() - started,
         }
         if cfg.objective == "clm" and math.isfinite(eval_loss):
             metrics["eval/perplexity"] = math.exp(eval_loss)

@@ -1,0 +1,219 @@
+"""Loading tokenizers and models, wrapping them for parameter-efficient tuning, and saving what a stage produces.
+
+Weights load as safetensors only and ``trust_remote_code`` stays off unless the config turns it on. A directory that
+is not a model (or holds a prefix-tuning adapter, which only its own stage can use) fails with a message that says
+what the directory is and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlhf.config import ModelConfig, PeftConfig
+from rlhf.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def describe_model_dir(path: str | Path) -> Literal["model", "lora_adapter", "prefix_adapter", "adapter", "other"]:
+    """What a local directory holds."""
+    p = Path(path)
+    adapter = p / ADAPTER_CONFIG
+    if adapter.is_file():
+        kind = json.loads(adapter.read_text(encoding="utf-8")).get("peft_type", "")
+        return {"LORA": "lora_adapter", "PREFIX_TUNING": "prefix_adapter"}.get(kind, "adapter")
+    if (p / "config.json").is_file():
+        return "model"
+    return "other"
+
+
+def check_model_source(model: ModelConfig, *, key: str = "model.name_or_path") -> None:
+    """Fail early, with the fix, when a local model path is missing or is not something a stage can load."""
+    path = model.name_or_path
+    if not _is_local(path):
+        return  # a hub id: from_pretrained reports what is wrong with it
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{key}: {path} does not exist; point it at a model directory or a stage output")
+    kind = describe_model_dir(p)
+    if kind == "prefix_adapter":
+        raise CheckpointError(
+            f"{key}: {path} holds a prefix-tuning adapter, which later stages cannot use yet (its virtual tokens "
+            "change how every sequence is scored); train that stage with peft.method=full, lora or partial"
+        )
+    if kind == "other":
+        raise CheckpointError(
+            f"{key}: {path} is not a model directory (no config.json or {ADAPTER_CONFIG}); point it at the output "
+            "of a stage or a save_pretrained directory"
+        )
+
+
+def load_tokenizer(model: ModelConfig) -> Any:
+    """The tokenizer of ``model``; one without a pad token pads with EOS (our losses use masks, never pad ids)."""
+    from transformers import AutoTokenizer
+
+    source = model.tokenizer_name_or_path or model.name_or_path
+    if describe_model_dir(source) in ("lora_adapter", "adapter") and not (Path(source) / "tokenizer_config.json").exists():
+        source = _adapter_base(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load a tokenizer from {source}: {exc}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of {source} has neither a pad nor an EOS token; give it a pad token")
+        logger.warning("tokenizer of %s has no pad token; padding with EOS (%r)", source, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_base(path: str | Path) -> str:
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return config["base_model_name_or_path"]
+
+
+def _load_kwargs(model: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "revision": model.revision,
+        "trust_remote_code": model.trust_remote_code,
+        "dtype": DTYPES[model.dtype],
+        "use_safetensors": True,
+    }
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    return kwargs
+
+
+def _from_pretrained(auto_cls: Any, model: ModelConfig, **extra: Any) -> Any:
+    check_model_source(model)
+    source = model.name_or_path
+    try:
+        if describe_model_dir(source) in ("lora_adapter", "adapter"):
+            from peft import PeftModel
+
+            base = auto_cls.from_pretrained(_adapter_base(source), **_load_kwargs(model), **extra)
+            return PeftModel.from_pretrained(base, source).merge_and_unload()
+        return auto_cls.from_pretrained(source, **_load_kwargs(model), **extra)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot load a model from {source}: {exc}. If the weights are a .bin/.pt file, convert them to "
+            "safetensors (only safetensors are loaded, so loading never runs pickled code)"
+        ) from None
+    except ValueError as exc:
+        raise CheckpointError(f"cannot load {source} as {auto_cls.__name__}: {exc}") from None
+
+
+def load_causal_lm(model: ModelConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, model)
+
+
+def load_sequence_scorer(model: ModelConfig, *, pad_token_id: int) -> torch.nn.Module:
+    """A model with a one-output score head (a reward model or a critic); a causal LM checkpoint gets a fresh
+    head, a reward-stage output keeps its trained one."""
+    from transformers import AutoModelForSequenceClassification
+
+    scorer = _from_pretrained(AutoModelForSequenceClassification, model, num_labels=1)
+    scorer.config.pad_token_id = pad_token_id
+    return scorer
+
+
+def transformer_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The longest ``ModuleList`` of the model (its transformer blocks) and its qualified name."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ConfigError("peft.method=partial: the model has no list of transformer blocks to choose from")
+    return best
+
+
+def freeze_all_but_top(model: torch.nn.Module, peft: PeftConfig, *, always_train: tuple[str, ...] = ()) -> list[str]:
+    """Partial tuning: train only the top ``trainable_top_blocks`` blocks, parameters whose name contains one of
+    ``trainable_modules``, and ``always_train`` (e.g. a fresh score head). Returns the trained parameter names."""
+    list_name, blocks = transformer_blocks(model)
+    if peft.trainable_top_blocks > len(blocks):
+        raise ConfigError(
+            f"peft.trainable_top_blocks={peft.trainable_top_blocks} exceeds the model's {len(blocks)} blocks"
+        )
+    first = len(blocks) - peft.trainable_top_blocks
+    prefixes = tuple(f"{list_name}.{i}." for i in range(first, len(blocks)))
+    wanted = tuple(peft.trainable_modules) + always_train
+    trained = []
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(prefixes) or any(w in name for w in wanted)
+        if param.requires_grad:
+            trained.append(name)
+    if not trained:
+        raise ConfigError("peft.method=partial leaves no parameter to train; raise peft.trainable_top_blocks")
+    return trained
+
+
+def apply_peft(model: torch.nn.Module, peft: PeftConfig, *, task: Literal["causal_lm", "score"]) -> torch.nn.Module:
+    """Wrap ``model`` for the tuning method of ``peft``; full tuning returns it unchanged."""
+    if peft.method == "full":
+        return model
+    head = ("score",) if task == "score" else ()
+    if peft.method == "partial":
+        freeze_all_but_top(model, peft, always_train=head)
+        return model
+    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+
+    task_type = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+    if peft.method == "lora":
+        config = LoraConfig(
+            task_type=task_type,
+            r=peft.lora_r,
+            lora_alpha=peft.lora_alpha,
+            lora_dropout=peft.lora_dropout,
+            target_modules=peft.target_modules or "all-linear",
+            # The score head is new: without training it a LoRA reward model stays at chance.
+            modules_to_save=list(head) or None,
+        )
+    else:
+        if task == "score":
+            raise ConfigError("peft.method=prefix is for the SFT stage only; use lora, partial or full here")
+        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft.num_virtual_tokens)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"peft.target_modules={peft.target_modules}: {exc}") from None
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path, peft: PeftConfig) -> str:
+    """Save ``model`` and ``tokenizer`` into ``output_dir``: LoRA merged into the weights (default) or as an adapter;
+    prefix tuning always as an adapter. Returns what was saved: "model" or "adapter"."""
+    from peft import PeftModel
+
+    out = Path(output_dir)
+    saved = "model"
+    if isinstance(model, PeftModel):
+        if peft.method == "lora" and peft.save == "merged":
+            model = model.merge_and_unload()
+        else:
+            saved = "adapter"
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return saved
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,81 @@
+"""Graceful stops: SIGTERM (sent by schedulers, ``accelerate launch`` and ``torchrun`` before they kill) asks the
+running stage to save a checkpoint at the next step boundary and exit with :data:`EXIT_INTERRUPTED`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from rlhf.errors import RLHFError
+
+logger = logging.getLogger(__name__)
+
+#: Exit status of a stage stopped by SIGTERM after saving a checkpoint (sysexits' EX_TEMPFAIL: retry later, with
+#: ``checkpoint.resume=true``).
+EXIT_INTERRUPTED = 75
+
+
+class StageInterrupted(RLHFError):
+    """The stage stopped on request after saving a resumable checkpoint."""
+
+
+class StopRequest:
+    """A flag set by SIGTERM (and SIGINT) while installed; the training loop polls it between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self) -> None:
+        self._event.set()
+
+    def agreed(self, device: Any = "cpu") -> bool:
+        """Whether any process was asked to stop. Every process must call this at the same step: they all stop
+        there together, so no process waits forever in a collective another one has left."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self._event.set()
+        return self.requested
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        logger.warning("received %s: saving a checkpoint at the next step, then stopping",
+                       signal.Signals(signum).name)
+        self._event.set()
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def trainer_stop_callback(stop: StopRequest) -> Any:
+    """A ``TrainerCallback`` that turns a stop request into "save a checkpoint now and end training"."""
+    from transformers import TrainerCallback
+
+    class _StopOnRequest(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if stop.agreed(args.device):
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return _StopOnRequest()

@@ -1,0 +1,190 @@
+"""Reward-model training on preference pairs (TRL ``RewardTrainer``, Bradley-Terry loss).
+
+The backbone is this run's SFT model (a causal LM, scored at the last real token of prompt + response, tokenised by
+the shared text contract) or an encoder (BERT-style, scored at its first token). Full, LoRA (the score head trains
+too) or partial tuning. The output records the reward's mean and std on chosen responses, so PPO can normalise
+scores.
+
+    accelerate launch launch/reward.py [--config configs/reward/demo.yaml] [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhf.checkpoint import write_json_atomic
+from rlhf.config import ModelConfig, RewardConfig
+from rlhf.data import prepare_dataset, to_hf_dataset
+from rlhf.models import (
+    apply_peft,
+    check_model_source,
+    count_parameters,
+    load_sequence_scorer,
+    load_tokenizer,
+    save_model,
+)
+from rlhf.runtime import StageRun
+from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
+from rlhf.text import RewardText
+from rlhf.trl_bridge import last_trainer_checkpoint, trainer_kwargs
+
+Config = RewardConfig
+logger = logging.getLogger(__name__)
+
+#: Written next to the weights: how to normalise this reward model's scores.
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def backbone_model_config(cfg: RewardConfig) -> ModelConfig:
+    return dataclasses.replace(cfg.model, name_or_path=cfg.backbone_path)
+
+
+def is_encoder(model_dir: str) -> bool:
+    """Whether a checkpoint is a bidirectional encoder (BERT-style) rather than a causal LM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = " ".join(config.architectures or [])
+    return not getattr(config, "is_decoder", False) and ("Masked" in archs or "PreTraining" in archs or
+                                                          config.model_type in ("bert", "roberta", "deberta-v2",
+                                                                                "distilbert", "electra",
+                                                                                "modernbert"))
+
+
+def encode_pair(text: RewardText, row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"chosen_ids": text.ids(row["prompt"], row["chosen"]),
+                           "rejected_ids": text.ids(row["prompt"], row["rejected"])}
+    if "margin" in row:
+        out["margin"] = float(row["margin"])
+    return out
+
+
+@torch.inference_mode()
+def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Scores of token-id sequences, right-padded in batches; the head reads the last real token. [N] float32."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(chunk):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        scores.append(logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    margin = chosen - rejected
+    both = torch.cat([chosen, rejected])
+    return {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
+            "reward_mean": both.mean().item(), "reward_std": both.std().item()}
+
+
+def trl_args(cfg: RewardConfig, output_dir: Path, num_processes: int, has_eval: bool) -> Any:
+    """Our config as TRL's ``RewardConfig``."""
+    from trl import RewardConfig as TRLRewardConfig
+
+    return TRLRewardConfig(
+        **trainer_kwargs(cfg, output_dir=output_dir, num_processes=num_processes, has_eval=has_eval),
+        # Lengths are validated against data.max_length up front; TRL would silently drop longer pairs.
+        max_length=None,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        disable_dropout=True,
+        dataset_num_proc=None,
+    )
+
+
+def run(cfg: RewardConfig) -> Path:
+    from accelerate import PartialState
+    from trl import RewardTrainer
+
+    from rlhf.tracking import TrackerCallback
+
+    state = PartialState()
+    # 1. Inputs, checked before any weights load.
+    model_cfg = backbone_model_config(cfg)
+    check_model_source(model_cfg)
+    tokenizer = load_tokenizer(model_cfg)
+    encoder = is_encoder(model_cfg.name_or_path)
+    text = RewardText.for_model(tokenizer, is_encoder=encoder)
+    data = prepare_dataset(
+        cfg.data.path, "preference", split=cfg.data.split, eval_path=cfg.data.eval_path,
+        eval_split=cfg.data.eval_split, eval_fraction=cfg.data.eval_fraction, seed=cfg.seed,
+        prompt_marker=cfg.data.prompt_marker, on_bad_row=cfg.data.on_bad_row,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        token_length=lambda row: max(len(text.ids(row["prompt"], row["chosen"])),
+                                     len(text.ids(row["prompt"], row["rejected"]))),
+        max_length=cfg.data.max_length,
+    )
+    train_pairs = [encode_pair(text, row) for row in data.train]
+    eval_pairs = [encode_pair(text, row) for row in data.eval]
+
+    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
+            StopRequest() as stop:
+        # 2. Backbone with a one-output score head, and the tuning method.
+        model = load_sequence_scorer(model_cfg, pad_token_id=tokenizer.pad_token_id)
+        if not encoder and tokenizer.pad_token_id in (text.contract.stop_token_ids if text.contract else ()):
+            # The head finds the last real token by looking for padding; a pad equal to the stop token would move
+            # the score one token to the left. A dedicated pad token keeps it on the stop token.
+            tokenizer.add_special_tokens({"pad_token": "<|rlhf_pad|>"})
+            model.resize_token_embeddings(len(tokenizer))
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model = apply_peft(model, cfg.peft, task="score")
+        trainable, total = count_parameters(model)
+        logger.info("reward: %s backbone, %s tuning, %d of %d parameters train",
+                    "encoder" if encoder else "decoder", cfg.peft.method, trainable, total)
+
+        # 3. Train.
+        trainer = RewardTrainer(
+            model=model,
+            args=trl_args(cfg, stage.output_dir, state.num_processes, bool(eval_pairs)),
+            train_dataset=to_hf_dataset(train_pairs),
+            eval_dataset=to_hf_dataset(eval_pairs) if eval_pairs else None,
+            processing_class=tokenizer,
+            callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
+        )
+        resume = last_trainer_checkpoint(stage.output_dir) if cfg.checkpoint.resume else None
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        if stop.requested:
+            raise StageInterrupted(
+                f"reward stopped by a signal at step {trainer.state.global_step}; the checkpoint is in "
+                f"{last_trainer_checkpoint(stage.output_dir)}. Rerun with checkpoint.resume=true to continue"
+            )
+        train_s = time.perf_counter() - started
+
+        # 4. Held-out pair metrics and the normalisation statistics, then the model and the manifest.
+        scorer = trainer.model
+        pad = tokenizer.pad_token_id
+        metrics: dict[str, Any] = {"train/loss": result.training_loss, "train/steps": trainer.state.global_step,
+                                   "time/train_s": train_s, "trainable_parameters": trainable}
+        if eval_pairs:
+            chosen = score_sequences(scorer, [p["chosen_ids"] for p in eval_pairs], pad_token_id=pad)
+            rejected = score_sequences(scorer, [p["rejected_ids"] for p in eval_pairs], pad_token_id=pad)
+            held_out = pair_metrics(chosen, rejected)
+            metrics.update({f"eval/{k}": v for k, v in held_out.items()})
+            stage.tracker.log({f"eval/{k}": v for k, v in held_out.items()}, step=trainer.state.global_step)
+        reference = [p["chosen_ids"] for p in train_pairs[:2048]]
+        chosen_scores = score_sequences(scorer, reference, pad_token_id=pad)
+        stats = {"mean": chosen_scores.mean().item(), "std": chosen_scores.std().item(), "num_samples": len(reference),
+                 "measured_on": "chosen responses of the training pairs", "backbone": "encoder" if encoder else
+                 "decoder"}
+        saved = None
+        if state.is_main_process:
+            saved = save_model(scorer, tokenizer, stage.output_dir, cfg.peft)
+            write_json_atomic(stage.output_dir / REWARD_STATS_FILE, stats)
+        state.wait_for_everyone()
+        return stage.complete(metrics, extra={"data": data.stats, "reward_stats": stats, "saved_as": saved,
+                                              "num_processes": state.num_processes, "peft_method": cfg.peft.method})

@@ -1,0 +1,127 @@
+"""Supervised fine-tuning (TRL ``SFTTrainer``) on prompt/completion or conversational data.
+
+Sequences are built by the text contract (``rlhf.text``), so SFT, the reward model and PPO tokenise prompts and
+responses the same way; the loss covers completions / assistant turns only by default, their stop token included
+(so the model learns to stop). Full fine-tuning, LoRA (saved merged by default), prefix tuning (saved as an
+adapter) or partial tuning of the top blocks.
+
+    accelerate launch launch/sft.py [--config configs/sft/demo.yaml] [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import SFTConfig
+from rlhf.data import prepare_dataset, to_hf_dataset
+from rlhf.models import apply_peft, check_model_source, count_parameters, load_causal_lm, load_tokenizer, save_model
+from rlhf.runtime import StageRun
+from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
+from rlhf.text import TextContract
+from rlhf.trl_bridge import last_trainer_checkpoint, trainer_kwargs
+
+Config = SFTConfig
+logger = logging.getLogger(__name__)
+
+
+def encode_example(contract: TextContract, row: dict[str, Any]) -> dict[str, list[int]]:
+    """``input_ids`` and ``completion_mask`` (1 on the tokens the loss covers) of one normalised SFT row."""
+    if "messages" in row:
+        ids, mask = contract.conversation(row["messages"])
+    else:
+        ids, mask = contract.sequence(row["prompt"], row["completion"])
+    return {"input_ids": ids, "completion_mask": mask}
+
+
+def trl_args(cfg: SFTConfig, output_dir: Path, num_processes: int, has_eval: bool) -> Any:
+    """Our config as TRL's ``SFTConfig``."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    return TRLSFTConfig(
+        **trainer_kwargs(cfg, output_dir=output_dir, num_processes=num_processes, has_eval=has_eval),
+        completion_only_loss=cfg.completion_only_loss,
+        packing=cfg.packing,
+        # Rows are validated against data.max_length before training and never truncated; packing needs the length.
+        max_length=cfg.data.max_length if cfg.packing else None,
+        dataset_num_proc=None,
+    )
+
+
+def run(cfg: SFTConfig) -> Path:
+    from accelerate import PartialState
+    from trl import SFTTrainer
+
+    from rlhf.tracking import TrackerCallback
+
+    state = PartialState()
+    # 1. Inputs: the model path, the tokenizer and every data row, checked before any weights load.
+    check_model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    contract = TextContract.from_tokenizer(tokenizer)
+    data = prepare_dataset(
+        cfg.data.path, "sft", split=cfg.data.split, eval_path=cfg.data.eval_path, eval_split=cfg.data.eval_split,
+        eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, prompt_marker=cfg.data.prompt_marker,
+        on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction,
+        token_length=lambda row: len(encode_example(_with_template(contract, row), row)["input_ids"]),
+        max_length=cfg.data.max_length,
+    )
+    added_template = any("messages" in r or isinstance(r.get("prompt"), list) for r in data.train[:1]) and \
+        contract.ensure_chat_template()
+    train_set = to_hf_dataset([encode_example(contract, row) for row in data.train])
+    eval_set = to_hf_dataset([encode_example(contract, row) for row in data.eval]) if data.eval else None
+
+    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
+            StopRequest() as stop:
+        # 2. Model and tuning method.
+        model = apply_peft(load_causal_lm(cfg.model), cfg.peft, task="causal_lm")
+        trainable, total = count_parameters(model)
+        logger.info("sft: %s tuning, %d of %d parameters train", cfg.peft.method, trainable, total)
+
+        # 3. Train with TRL, logging through our tracker, stopping cleanly on SIGTERM.
+        trainer = SFTTrainer(
+            model=model,
+            args=trl_args(cfg, stage.output_dir, state.num_processes, eval_set is not None),
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
+        )
+        resume = last_trainer_checkpoint(stage.output_dir) if cfg.checkpoint.resume else None
+        if resume:
+            logger.info("sft: resuming from %s", resume)
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        if stop.requested:
+            raise StageInterrupted(
+                f"sft stopped by a signal at step {trainer.state.global_step}; the checkpoint is in "
+                f"{last_trainer_checkpoint(stage.output_dir)}. Rerun with checkpoint.resume=true to continue"
+            )
+        train_s = time.perf_counter() - started
+
+        # 4. Held-out evaluation, then the model, the tokenizer (with its template) and the manifest.
+        metrics: dict[str, Any] = {"train/loss": result.training_loss, "train/steps": trainer.state.global_step,
+                                   "time/train_s": train_s, "trainable_parameters": trainable,
+                                   "total_parameters": total}
+        if eval_set is not None:
+            eval_loss = trainer.evaluate()["eval_loss"]
+            metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))})
+            stage.tracker.log({"eval/loss": eval_loss}, step=trainer.state.global_step)
+        saved = None
+        if state.is_main_process:
+            saved = save_model(trainer.model, tokenizer, stage.output_dir, cfg.peft)
+        state.wait_for_everyone()
+        return stage.complete(metrics, extra={
+            "data": data.stats, "saved_as": saved, "chat_template_added": bool(added_template),
+            "num_processes": state.num_processes, "peft_method": cfg.peft.method,
+        })
+
+
+def _with_template(contract: TextContract, row: dict[str, Any]) -> TextContract:
+    # Conversational rows are measured with the template they will be trained with.
+    if "messages" in row or isinstance(row.get("prompt"), list):
+        contract.ensure_chat_template()
+    return contract
