@@ -29,3 +29,89 @@ def sample_base_model(model_dir: str | Path, n: int = 100, seed: int = 0) -> tup
         ended += eos
         grammatical += judge("", text, eos).grammatical
     return ended, grammatical
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "the lamp is great .", "this kettle is loud .", "i would buy it again .", "the fan is quiet and cheap .",
+    "hello there , how are you ?", "tell me about the lamp .", "it is worth the money .", "my phone is solid .",
+] * 20
+
+
+def train_tokenizer(specials: list[str], *, eos: str, pad: str | None, bos: str | None = None,
+                    chat_template: str | None = None, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    kwargs = {"eos_token": eos}
+    if pad:
+        kwargs["pad_token"] = pad
+    if bos:
+        kwargs["bos_token"] = bos
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def chatml_tokenizer():
+    """Like a Qwen instruct tokenizer: ChatML template, EOS <|im_end|>, pad <|endoftext|>, no BOS."""
+    return train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>",
+                           pad="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+def plain_tokenizer():
+    """Like the demo base model's: EOS doubles as BOS, a separate pad token, no chat template."""
+    return train_tokenizer(["<|endoftext|>", "<pad>"], eos="<|endoftext|>", pad="<pad>", bos="<|endoftext|>")
+
+
+def save_tiny_causal_lm(path: Path, tokenizer, *, model_type: str = "gpt2", seed: int = 0) -> Path:
+    """A randomly initialised 2-layer causal LM (gpt2 or qwen2) saved with its tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if model_type == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id)
+        model = transformers.GPT2LMHeadModel(config)
+    elif model_type == "qwen2":
+        config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        raise ValueError(model_type)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def demo_rows(name: str, n: int) -> list[dict]:
+    """The first ``n`` rows of a bundled demo dataset."""
+    import json
+
+    from rlhf.launcher import REPO_ROOT
+
+    with (REPO_ROOT / "data" / "demo" / name).open() as handle:
+        return [json.loads(next(handle)) for _ in range(n)]

@@ -1,0 +1,100 @@
+"""The reward stage on tiny models: decoder and encoder backbones, full and LoRA, scores at the last real token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import PretrainConfig, RewardConfig, load_config
+from rlhf.tracking import read_metrics
+from stages import pretrain, reward
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reward")
+    model = save_tiny_causal_lm(root / "sft", plain_tokenizer())
+    data = write_jsonl(root / "prefs.jsonl", demo_rows("preferences.jsonl", 96))
+    return root, model, data
+
+
+def _cfg(root, model, data, name, *extra):
+    return load_config(RewardConfig, None, [
+        f"run_dir={root / name}", f"model.name_or_path={model}", f"data.path={data}", "data.eval_fraction=0.1",
+        "data.max_length=256", "train.max_steps=10", "train.batch_size=16", "train.micro_batch_size=8",
+        "optim.learning_rate=3e-3", "optim.warmup_ratio=0", "logging.log_every=1", "train.eval_every=100", *extra,
+    ])
+
+
+def test_decoder_reward_model_trains_and_records_stats(setup):
+    from transformers import AutoModelForSequenceClassification
+
+    root, model, data = setup
+    out = reward.run(_cfg(root, model, data, "full"))
+    manifest = read_manifest(out)
+    losses = [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < sum(losses[:3])
+    for key in ("eval/accuracy", "eval/margin", "eval/reward_mean", "eval/reward_std"):
+        assert key in manifest["metrics"]
+    stats = json.loads((out / reward.REWARD_STATS_FILE).read_text())
+    assert stats["std"] > 0 and stats == {**stats, **manifest["reward_stats"]}
+    scorer = AutoModelForSequenceClassification.from_pretrained(out)
+    assert scorer.config.num_labels == 1
+
+
+def test_lora_reward_model_trains_its_score_head(setup):
+    root, model, data = setup
+    out = reward.run(_cfg(root, model, data, "lora", "peft.method=lora", "peft.lora_r=4",
+                          "peft.target_modules=[c_attn]"))
+    after = load_file(out / "model.safetensors")
+    before = load_file(model / "model.safetensors")
+    assert "score.weight" in after
+    # The stage seeds before loading, so the fresh head it started from can be rebuilt; training moved it.
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_sequence_scorer
+    from rlhf.runtime import seed_everything
+
+    seed_everything(0)
+    initial = load_sequence_scorer(ModelConfig(name_or_path=str(model)), pad_token_id=0).score.weight.detach()
+    assert not torch.allclose(after["score.weight"], initial, atol=1e-6)
+    changed = {k for k in before if k.startswith("transformer.") and not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if "c_attn.weight" in k}
+
+
+def test_encoder_backbone(setup, tmp_path):
+    root, _, data = setup
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": r["prompt"] + r["chosen"]}
+                                                     for r in demo_rows("preferences.jsonl", 200)])
+    encoder = pretrain.run(load_config(PretrainConfig, None, [
+        "objective=mlm", f"output_dir={tmp_path / 'encoder'}", f"data.path={corpus}", "tokenizer.vocab_size=300",
+        "arch.n_layer=2", "arch.n_embd=32", "arch.n_head=2", "arch.n_positions=256", "seq_len=64", "max_steps=3",
+        "batch_size=8", "micro_batch_size=8"]))
+    out = reward.run(_cfg(root, encoder, data, "encoder"))
+    manifest = read_manifest(out)
+    assert manifest["reward_stats"]["backbone"] == "encoder"
+    assert 0.0 <= manifest["metrics"]["eval/accuracy"] <= 1.0
+
+
+def test_score_is_read_at_the_last_real_token_for_both_padding_sides(setup):
+    from transformers import AutoModelForSequenceClassification
+
+    root, model, _ = setup
+    tokenizer = plain_tokenizer()
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).eval()
+    scorer.config.pad_token_id = tokenizer.pad_token_id
+    seqs = [[0, 5, 6, 7, 0], [0, 9, 0], [0, 4, 4, 4, 4, 4, 4, 0]]
+    alone = torch.tensor([scorer(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs])
+    right = reward.score_sequences(scorer, seqs, pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    width = max(map(len, seqs))
+    left_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs])
+    left_mask = (left_ids != tokenizer.pad_token_id).long()
+    position_ids = (left_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        left = scorer(input_ids=left_ids, attention_mask=left_mask, position_ids=position_ids).logits[:, 0]
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
