@@ -47,6 +47,17 @@ def seed_everything(seed: int, *, rank: int = 0, full_determinism: bool = False)
     return used
 
 
+def distributed_state() -> Any:
+    """accelerate's process state, initialised the way ``Accelerator()`` does it: on a machine without an
+    accelerator (or with ACCELERATE_USE_CPU set) the processes that torchrun or accelerate started join one CPU
+    (gloo) group; a bare ``PartialState()`` would leave each of them alone."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or torch.accelerator.current_accelerator() is None
+    return PartialState(cpu=cpu)
+
+
 def configure_threads(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)

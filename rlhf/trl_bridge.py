@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlhf.checkpoint import checkpoints_dir
 
 
@@ -47,6 +49,8 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
         "fp16": cfg.model.dtype == "float16",
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "dataloader_num_workers": 0,
+        # Without an accelerator the Trainer must be told, or it refuses bf16 instead of using the CPU's.
+        "use_cpu": torch.accelerator.current_accelerator() is None,
         "save_only_model": False,
     }
 

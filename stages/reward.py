@@ -29,7 +29,7 @@ from rlhf.models import (
     load_tokenizer,
     save_model,
 )
-from rlhf.runtime import StageRun
+from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
 from rlhf.text import RewardText
 from rlhf.trl_bridge import last_trainer_checkpoint, trainer_kwargs
@@ -107,12 +107,11 @@ def trl_args(cfg: RewardConfig, output_dir: Path, num_processes: int, has_eval: 
 
 
 def run(cfg: RewardConfig) -> Path:
-    from accelerate import PartialState
     from trl import RewardTrainer
 
     from rlhf.tracking import TrackerCallback
 
-    state = PartialState()
+    state = distributed_state()
     # 1. Inputs, checked before any weights load.
     model_cfg = backbone_model_config(cfg)
     check_model_source(model_cfg)

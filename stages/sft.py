@@ -19,7 +19,7 @@ from typing import Any
 from rlhf.config import SFTConfig
 from rlhf.data import prepare_dataset, to_hf_dataset
 from rlhf.models import apply_peft, check_model_source, count_parameters, load_causal_lm, load_tokenizer, save_model
-from rlhf.runtime import StageRun
+from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
 from rlhf.text import TextContract
 from rlhf.trl_bridge import last_trainer_checkpoint, trainer_kwargs
@@ -52,12 +52,11 @@ def trl_args(cfg: SFTConfig, output_dir: Path, num_processes: int, has_eval: boo
 
 
 def run(cfg: SFTConfig) -> Path:
-    from accelerate import PartialState
     from trl import SFTTrainer
 
     from rlhf.tracking import TrackerCallback
 
-    state = PartialState()
+    state = distributed_state()
     # 1. Inputs: the model path, the tokenizer and every data row, checked before any weights load.
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)

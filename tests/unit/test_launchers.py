@@ -71,3 +71,22 @@ def test_cli_validate_data(tmp_path, capsys):
     good.write_text('{"prompt": "a", "chosen": "x", "rejected": "y"}\n')
     assert main(["validate-data", str(good), "--format", "preference"]) == 0
     assert main(["frobnicate"]) == 2
+
+
+ACCELERATE_CONFIGS = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_loads(path: Path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    expected = {"cpu.yaml": "NO", "ddp.yaml": "MULTI_GPU"}.get(path.name, "DEEPSPEED")
+    assert config.distributed_type.value == expected
+    if expected == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == (2 if "zero2" in path.name else 3)
+
+
+def test_every_accelerate_config_is_shipped():
+    assert {p.name for p in ACCELERATE_CONFIGS} >= {"cpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml",
+                                                     "zero3_offload.yaml"}
