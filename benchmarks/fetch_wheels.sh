@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Download the wheels benchmarks/gpu_check.sh installs on a GPU machine without network (Python 3.12, x86-64).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+pyver=(--python-version 3.12 --implementation cp)
+for pkg in trl==1.16.0 transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+           huggingface_hub==2.4.0 wandb==0.31.0 hjson==3.1.0 py-cpuinfo==9.0.0; do
+  python3 -m pip download -q --no-deps --only-binary=:all: "${pyver[@]}" "${plat[@]}" -d .whl "$pkg"
+done
+# DeepSpeed is published as a source archive; build its (pure-Python, ops compiled on first use) wheel here.
+python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+# This project itself, without dependencies.
+python3 -m pip wheel -q --no-deps -w .whl .
+ls -la .whl

@@ -1,0 +1,69 @@
+"""SFT and reward training under ZeRO-2 and ZeRO-3 on one GPU, on a randomly initialised GPT-2 (12 x 768) built
+here, printing one JSON line: per run the exit status, the wall time and the final losses (the reward runs start
+from the SFT output of the same ZeRO stage)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_model(root: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "base-model")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    out = root / "gpt2-12x768"
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def launch(stage: str, zero: str, run_dir: Path, model: str) -> dict:
+    cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{zero}.yaml"),
+           "--num_processes", "1", str(REPO / "launch" / f"{stage}.py"), f"run_dir={run_dir}",
+           f"model.name_or_path={model}", "model.dtype=bfloat16", "train.max_steps=20", "train.batch_size=32",
+           "train.micro_batch_size=16", "logging.log_every=5"]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
+    result = {"rc": done.returncode, "wall_s": round(time.perf_counter() - started, 1)}
+    manifest = run_dir / stage / "manifest.json"
+    if manifest.is_file():
+        metrics = json.loads(manifest.read_text())["metrics"]
+        result.update({k: metrics[k] for k in ("train/loss", "eval/loss", "eval/accuracy") if k in metrics})
+    else:
+        result["stderr_tail"] = done.stderr[-800:]
+    return result
+
+
+def main() -> None:
+    import torch
+
+    report: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+                    "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = build_model(root)
+        for zero in ("zero2", "zero3"):
+            run_dir = root / zero
+            report[f"sft_{zero}"] = launch("sft", zero, run_dir, str(model))
+            sft_out = run_dir / "sft"
+            source = str(sft_out) if (sft_out / "manifest.json").is_file() else str(model)
+            report[f"reward_{zero}"] = launch("reward", zero, run_dir, source)
+    report["ok"] = all(v.get("rc") == 0 for k, v in report.items() if isinstance(v, dict))
+    print(json.dumps(report, sort_keys=True))
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
