@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -217,3 +217,23 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+@torch.inference_mode()
+def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Scores of token-id sequences, right-padded in batches; the head reads the last real token. [N] float32."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(chunk):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        scores.append(logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)

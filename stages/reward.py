@@ -28,6 +28,7 @@ from rlhf.models import (
     load_sequence_scorer,
     load_tokenizer,
     save_model,
+    score_sequences,
 )
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
@@ -63,26 +64,6 @@ def encode_pair(text: RewardText, row: dict[str, Any]) -> dict[str, Any]:
     if "margin" in row:
         out["margin"] = float(row["margin"])
     return out
-
-
-@torch.inference_mode()
-def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Scores of token-id sequences, right-padded in batches; the head reads the last real token. [N] float32."""
-    model.eval()
-    device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(chunk):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, :len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, 0].float().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from support import sample_base_model
 
 from rlhf.checkpoint import read_manifest
 from rlhf.launcher import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
+MAIN_COMMAND = "accelerate launch launch/sft.py && accelerate launch launch/reward.py"
 
-def test_readme_main_command_pretrains_the_demo_base_model(tmp_path):
+
+def test_readme_main_command_runs_the_demo(tmp_path):
     readme = (REPO_ROOT / "README.md").read_text()
-    command = "accelerate launch launch/pretrain.py output_dir=runs/demo/pretrain"
-    assert command in readme  # the test runs what the README tells users to run
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    out = tmp_path / "pretrain"
-    done = subprocess.run([accelerate, "launch", "launch/pretrain.py", f"output_dir={out}"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=1800)
+    assert MAIN_COMMAND in readme  # the test runs what the README tells users to run
+    # The same launchers and demo configs, in a copy of the checkout so runs/ of the user's tree stays untouched.
+    work = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__"))
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(MAIN_COMMAND, shell=True, cwd=work, env=env, capture_output=True, text=True,
+                          timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    manifest = read_manifest(out)
-    assert manifest["metrics"]["eval/loss"] < 1.6
-    ended, grammatical = sample_base_model(out, n=100, seed=1)
-    assert ended >= 90 and grammatical >= 80
+    sft = read_manifest(work / "runs" / "demo" / "sft")
+    reward = read_manifest(work / "runs" / "demo" / "reward")
+    assert sft["metrics"]["eval/loss"] < 1.7
+    assert reward["metrics"]["eval/accuracy"] > 0.65  # noisy labels: the annotator errs on ~15% of pairs

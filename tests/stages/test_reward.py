@@ -11,6 +11,7 @@ from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import PretrainConfig, RewardConfig, load_config
+from rlhf.models import score_sequences
 from rlhf.tracking import read_metrics
 from stages import pretrain, reward
 
@@ -89,7 +90,7 @@ def test_score_is_read_at_the_last_real_token_for_both_padding_sides(setup):
     scorer.config.pad_token_id = tokenizer.pad_token_id
     seqs = [[0, 5, 6, 7, 0], [0, 9, 0], [0, 4, 4, 4, 4, 4, 4, 0]]
     alone = torch.tensor([scorer(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs])
-    right = reward.score_sequences(scorer, seqs, pad_token_id=tokenizer.pad_token_id)
+    right = score_sequences(scorer, seqs, pad_token_id=tokenizer.pad_token_id)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     width = max(map(len, seqs))
     left_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs])

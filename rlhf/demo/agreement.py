@@ -1,0 +1,108 @@
+"""How well a learned reward model agrees with the gold judge on fresh pairs of the SFT model's own samples.
+
+For each held-out prompt the SFT model samples two responses (temperature 1, an explicit generation config, stop at
+the stop token); a pair counts when the gold judge's combined scores differ by more than ``min_gap``, and agreement
+is the share of those pairs the reward model orders the same way.
+
+    python -m rlhf.demo.agreement --sft runs/demo/sft --reward runs/demo/reward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from rlhf.demo.judge import JudgeResult, judge
+
+
+def pair_agreement(gold: Sequence[tuple[float, float]], scores: Sequence[tuple[float, float]],
+                   min_gap: float = 0.01) -> tuple[float, int]:
+    """Share of pairs (with a gold gap above ``min_gap``) that ``scores`` order like ``gold``; and their count."""
+    counted = agreed = 0
+    for (g_a, g_b), (s_a, s_b) in zip(gold, scores):
+        if abs(g_a - g_b) <= min_gap:
+            continue
+        counted += 1
+        agreed += (g_a > g_b) == (s_a > s_b)
+    return (agreed / counted if counted else float("nan")), counted
+
+
+@torch.inference_mode()
+def sample_responses(model_dir: str | Path, prompts: Sequence[str], *, seed: int, max_new_tokens: int = 48,
+                     batch_size: int = 64) -> list[tuple[list[int], list[int], str, bool]]:
+    """(prompt ids, response ids, response text, stopped) for each prompt, sampled at temperature 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rlhf.text import TextContract
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    contract = TextContract.from_tokenizer(tokenizer)
+    # Explicit sampling settings: the checkpoint's generation_config.json must not change what is measured.
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=list(contract.stop_token_ids), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [contract.prompt_ids(p) for p in prompts[start:start + batch_size]]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in chunk])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:]
+        for prompt_ids, row in zip(chunk, generated.tolist()):
+            cut = contract.first_stop(row)
+            response = row[: cut + 1] if cut is not None else row
+            text, stopped = contract.decode_response(response)
+            out.append((prompt_ids, response, text, stopped))
+    return out
+
+
+def gold_agreement(sft_dir: str | Path, prompts: Sequence[str], score: Callable[[list[list[int]]], torch.Tensor],
+                   *, seed: int = 0, min_gap: float = 0.01) -> dict[str, float]:
+    """Agreement of ``score`` (token-id sequences -> scores) with the gold judge on two samples per prompt."""
+    first = sample_responses(sft_dir, prompts, seed=seed)
+    second = sample_responses(sft_dir, prompts, seed=seed + 1)
+    gold: list[tuple[float, float]] = []
+    sentiment: list[tuple[float, float]] = []
+    seqs: list[list[int]] = []
+    for prompt, a, b in zip(prompts, first, second):
+        ja: JudgeResult = judge(prompt, a[2], a[3])
+        jb: JudgeResult = judge(prompt, b[2], b[3])
+        gold.append((ja.combined, jb.combined))
+        sentiment.append((ja.sentiment, jb.sentiment))
+        seqs += [a[0] + a[1], b[0] + b[1]]
+    scores = score(seqs).tolist()
+    pairs = list(zip(scores[0::2], scores[1::2]))
+    combined, n = pair_agreement(gold, pairs, min_gap)
+    sent, n_sent = pair_agreement(sentiment, pairs, min_gap)
+    return {"agreement_combined": combined, "pairs": n, "agreement_sentiment": sent, "pairs_sentiment": n_sent}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.models import score_sequences
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf.demo.agreement", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sft", required=True)
+    parser.add_argument("--reward", required=True)
+    parser.add_argument("--prompts", default="data/demo/eval_prompts.jsonl")
+    parser.add_argument("--num-prompts", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with open(args.prompts, encoding="utf-8") as handle:
+        prompts = [json.loads(line)["prompt"] for line in handle][: args.num_prompts]
+    scorer = AutoModelForSequenceClassification.from_pretrained(args.reward).eval()
+    pad = AutoTokenizer.from_pretrained(args.reward).pad_token_id
+    result = gold_agreement(args.sft, prompts, lambda seqs: score_sequences(scorer, seqs, pad_token_id=pad),
+                            seed=args.seed)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
