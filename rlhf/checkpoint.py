@@ -80,6 +80,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -89,6 +91,12 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -194,12 +202,16 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def begin_output(output_dir: str | Path) -> Path:
+def begin_output(output_dir: str | Path, *, resume: bool = False) -> Path:
     """Mark ``output_dir`` as being written: create it and remove any manifest, so that until this run writes its
-    own, nothing takes the directory for a complete output (a rerun that dies half-way must not look finished)."""
+    own, nothing takes the directory for a complete output (a rerun that dies half-way must not look finished).
+    A fresh run also starts its logs afresh; a resumed one appends to them."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path(out).unlink(missing_ok=True)
+    if not resume:
+        metrics_path(out).unlink(missing_ok=True)
+        samples_path(out).unlink(missing_ok=True)
     _fsync_dir(out)
     return out
 

@@ -166,6 +166,8 @@ class StageConfig:
         False, doc="Deterministic kernels everywhere (slower); seeds alone already fix the data order.", semantic=False
     )
     threads: int | None = option(None, doc="torch intra-op threads; None keeps torch's default.", semantic=False, ge=1)
+    logging: LoggingConfig = section(LoggingConfig, "Trackers and log level.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Intermediate checkpoints and resuming.")
 
     #: The stage name (pretrain, sft, reward, ppo, evaluate); set by each subclass.
     stage: typing.ClassVar[str] = "stage"
@@ -523,8 +525,6 @@ class PretrainConfig(StageConfig):
     tokenizer: TokenizerTrainConfig = section(TokenizerTrainConfig, "Tokenizer training.")
     arch: ArchitectureConfig = section(ArchitectureConfig, "Model size.")
     optim: OptimConfig = section(lambda: OptimConfig(learning_rate=3e-3, warmup_ratio=0.05), "Optimiser.")
-    logging: LoggingConfig = section(LoggingConfig, "Trackers.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     max_steps: int = option(300, doc="Optimiser steps.", ge=1)
     batch_size: int = option(32, doc="Global batch in sequences per optimiser step (any number of processes).", ge=1)
     micro_batch_size: int = option(32, doc="Sequences per forward pass on one process.", ge=1, semantic=False)
@@ -593,8 +593,6 @@ class SFTConfig(StageConfig):
     optim: OptimConfig = section(lambda: OptimConfig(learning_rate=1e-3, warmup_ratio=0.05), "Optimiser.")
     train: TrainerConfig = section(lambda: TrainerConfig(num_epochs=2.0, batch_size=32, micro_batch_size=32),
                                    "Batching and schedule.")
-    logging: LoggingConfig = section(LoggingConfig, "Trackers.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     completion_only_loss: bool = option(
         True, doc="Loss on completions / assistant turns only (their stop token included)."
     )
@@ -625,8 +623,6 @@ class RewardConfig(StageConfig):
     optim: OptimConfig = section(lambda: OptimConfig(learning_rate=5e-4, warmup_ratio=0.05), "Optimiser.")
     train: TrainerConfig = section(lambda: TrainerConfig(num_epochs=2.0, batch_size=32, micro_batch_size=32),
                                    "Batching and schedule.")
-    logging: LoggingConfig = section(LoggingConfig, "Trackers.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     center_rewards_coefficient: float | None = option(
         None, doc="Weight of the penalty on squared rewards that centres them near 0 (Eisenstein et al. 2023).", ge=0
     )

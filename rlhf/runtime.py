@@ -86,7 +86,7 @@ class StageRun:
         configure_threads(self.cfg.threads)
         seed_everything(self.cfg.seed, rank=self.rank, full_determinism=self.cfg.full_determinism)
         if self.is_main_process:
-            begin_output(self.output_dir)
+            begin_output(self.output_dir, resume=self.cfg.checkpoint.resume)
             write_text_atomic(config_path(self.output_dir), to_yaml(self.cfg))
         log_cfg = self.cfg.logging
         self.tracker = Tracker(

@@ -99,3 +99,16 @@ def test_score_is_read_at_the_last_real_token_for_both_padding_sides(setup):
     with torch.no_grad():
         left = scorer(input_ids=left_ids, attention_mask=left_mask, position_ids=position_ids).logits[:, 0]
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+
+
+def test_margin_column_enters_the_loss(setup, tmp_path):
+    root, model, _ = setup
+    rows = [dict(r, margin=2.0) for r in demo_rows("preferences.jsonl", 48)]
+    data = write_jsonl(tmp_path / "margins.jsonl", rows)
+    plain = reward.run(_cfg(tmp_path, model, write_jsonl(tmp_path / "plain.jsonl", demo_rows("preferences.jsonl", 48)),
+                            "plain", "train.max_steps=1"))
+    with_margin = reward.run(_cfg(tmp_path, model, data, "margin", "train.max_steps=1"))
+    first = {name: [r for r in read_metrics(d / "metrics.jsonl") if "train/loss" in r][0]["train/loss"]
+             for name, d in (("plain", plain), ("margin", with_margin))}
+    # -log sigmoid(r_c - r_r - m) with m = 2 is larger than without a margin on the same first batch.
+    assert first["margin"] > first["plain"] + 1.0

@@ -120,3 +120,10 @@ def test_conversational_data_on_a_qwen2_model(tmp_path):
     losses = _losses(out)
     assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
     assert read_manifest(out)["chat_template_added"] is False
+
+
+def test_packing_trains(base):
+    root, model, data = base
+    out = sft.run(_cfg(root, model, data, "packed", "packing=true", "data.max_length=128", "train.max_steps=4"))
+    losses = _losses(out)
+    assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))

@@ -116,3 +116,19 @@ def test_checkpoints_listing_and_pruning(tmp_path):
     assert ck.list_checkpoints(out) == [20, 30]
     assert not partial.exists()
     assert ck.checkpoint_dir(out, 40).exists()  # newer than the newest complete: may still be in progress
+
+
+def test_fresh_run_starts_logs_afresh_and_resume_appends(tmp_path):
+    out = tmp_path / "sft"
+    _complete(out)
+    ck.metrics_path(out).write_text('{"step": 1}\n')
+    ck.begin_output(out, resume=True)
+    assert ck.metrics_path(out).read_text() == '{"step": 1}\n'
+    ck.begin_output(out)
+    assert not ck.metrics_path(out).exists()
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path):
+    path = tmp_path / "manifest.json"
+    ck.write_json_atomic(path, {})
+    assert path.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044

@@ -34,8 +34,6 @@ class ToyConfig(StageConfig):
     tags: list[str] = option(default_factory=list, doc="Tags.", semantic=False)
     optim: OptimConfig = section(lambda: OptimConfig(learning_rate=1e-3), "Optimiser.")
     data: DataConfig = section(DataConfig, "Data.")
-    logging: LoggingConfig = section(LoggingConfig, "Logging.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
 
     @property
     def total(self) -> int:

@@ -19,8 +19,6 @@ class ToyConfig(StageConfig):
     stage: ClassVar[str] = "toy"
     data: str = option("", doc="input", semantic=False)
     lr: float = option(0.1, doc="lr")
-    logging: LoggingConfig = section(LoggingConfig, "Logging.")
-    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
 
     def input_paths(self):
         return {"data": self.data}
