@@ -491,6 +491,18 @@ def parse_cli(cls: type[C], argv: Sequence[str] | None, *, default_config: str |
     return cfg
 
 
+def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: int, *, prefix: str) -> int:
+    """Micro-batches per optimiser step on each process for a global batch of ``batch_size``; the error names the
+    keys (under ``prefix``) to change."""
+    per_step = micro_batch_size * num_processes
+    if batch_size % per_step:
+        raise ConfigError(
+            f"{prefix}batch_size={batch_size} is not a multiple of {prefix}micro_batch_size={micro_batch_size} x "
+            f"{num_processes} processes; change {prefix}batch_size or {prefix}micro_batch_size"
+        )
+    return batch_size // per_step
+
+
 @dataclass
 class TokenizerTrainConfig:
     """A BPE tokenizer trained from scratch on the corpus (pretraining only)."""
@@ -549,13 +561,7 @@ class PretrainConfig(StageConfig):
 
     def accumulation_steps(self, num_processes: int) -> int:
         """Micro-batches per optimiser step on each process, so that the global batch stays ``batch_size``."""
-        per_step = self.micro_batch_size * num_processes
-        if self.batch_size % per_step:
-            raise ConfigError(
-                f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size} x "
-                f"{num_processes} processes; change batch_size or micro_batch_size"
-            )
-        return self.batch_size // per_step
+        return accumulation_steps(self.batch_size, self.micro_batch_size, num_processes, prefix="")
 
 
 @dataclass
@@ -571,13 +577,7 @@ class TrainerConfig:
 
     def accumulation_steps(self, num_processes: int) -> int:
         """Micro-batches per optimiser step on each process, so that the global batch stays ``batch_size``."""
-        per_step = self.micro_batch_size * num_processes
-        if self.batch_size % per_step:
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
-                f"{self.micro_batch_size} x {num_processes} processes; change one of them"
-            )
-        return self.batch_size // per_step
+        return accumulation_steps(self.batch_size, self.micro_batch_size, num_processes, prefix="train.")
 
 
 @dataclass

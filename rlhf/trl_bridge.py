@@ -6,12 +6,17 @@ An upstream rename breaks here and nowhere else. Everything the Trainer would lo
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.checkpoint import checkpoints_dir
+from rlhf.signals import StageInterrupted
+
+logger = logging.getLogger(__name__)
 
 
 def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: bool) -> dict[str, Any]:
@@ -61,3 +66,20 @@ def last_trainer_checkpoint(output_dir: Path) -> str | None:
 
     root = checkpoints_dir(output_dir)
     return get_last_checkpoint(str(root)) if root.is_dir() else None
+
+
+def train_resumable(trainer: Any, *, stage: str, output_dir: Path, resume: bool, stop: Any) -> tuple[Any, float]:
+    """Run ``trainer.train`` (from the newest checkpoint when ``resume``), and turn a stop request into
+    :class:`rlhf.signals.StageInterrupted` once the Trainer has saved its checkpoint. Returns the train output and
+    the training time in seconds."""
+    checkpoint = last_trainer_checkpoint(output_dir) if resume else None
+    if checkpoint:
+        logger.info("%s: resuming from %s", stage, checkpoint)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.requested:
+        raise StageInterrupted(
+            f"{stage} stopped by a signal at step {trainer.state.global_step}; the checkpoint is in "
+            f"{last_trainer_checkpoint(output_dir)}. Rerun with checkpoint.resume=true to continue"
+        )
+    return result, time.perf_counter() - started

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from rlhf.checkpoint import write_json_atomic
+from rlhf.checkpoint import require_complete, write_json_atomic
 from rlhf.config import ModelConfig, RewardConfig
 from rlhf.data import prepare_dataset, to_hf_dataset
 from rlhf.models import (
@@ -31,9 +30,9 @@ from rlhf.models import (
     score_sequences,
 )
 from rlhf.runtime import StageRun, distributed_state
-from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
+from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import RewardText
-from rlhf.trl_bridge import last_trainer_checkpoint, trainer_kwargs
+from rlhf.trl_bridge import train_resumable, trainer_kwargs
 
 Config = RewardConfig
 logger = logging.getLogger(__name__)
@@ -95,6 +94,10 @@ def run(cfg: RewardConfig) -> Path:
     state = distributed_state()
     # 1. Inputs, checked before any weights load.
     model_cfg = backbone_model_config(cfg)
+    if not cfg.model.name_or_path:
+        # The default backbone is this run's SFT output: it must be complete, and the error says how to build it.
+        require_complete(cfg.backbone_path, stage="sft",
+                         how_to_build=f"accelerate launch launch/sft.py run_dir={cfg.run_dir}")
     check_model_source(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
     encoder = is_encoder(model_cfg.name_or_path)
@@ -135,15 +138,8 @@ def run(cfg: RewardConfig) -> Path:
             processing_class=tokenizer,
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
         )
-        resume = last_trainer_checkpoint(stage.output_dir) if cfg.checkpoint.resume else None
-        started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume)
-        if stop.requested:
-            raise StageInterrupted(
-                f"reward stopped by a signal at step {trainer.state.global_step}; the checkpoint is in "
-                f"{last_trainer_checkpoint(stage.output_dir)}. Rerun with checkpoint.resume=true to continue"
-            )
-        train_s = time.perf_counter() - started
+        result, train_s = train_resumable(trainer, stage="reward", output_dir=stage.output_dir,
+                                          resume=cfg.checkpoint.resume, stop=stop)
 
         # 4. Held-out pair metrics and the normalisation statistics, then the model and the manifest.
         scorer = trainer.model

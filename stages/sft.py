@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,9 @@ from rlhf.config import SFTConfig
 from rlhf.data import prepare_dataset, to_hf_dataset
 from rlhf.models import apply_peft, check_model_source, count_parameters, load_causal_lm, load_tokenizer, save_model
 from rlhf.runtime import StageRun, distributed_state
-from rlhf.signals import StageInterrupted, StopRequest, trainer_stop_callback
+from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import TextContract
-from rlhf.trl_bridge import last_trainer_checkpoint, trainer_kwargs
+from rlhf.trl_bridge import train_resumable, trainer_kwargs
 
 Config = SFTConfig
 logger = logging.getLogger(__name__)
@@ -89,17 +88,8 @@ def run(cfg: SFTConfig) -> Path:
             processing_class=tokenizer,
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
         )
-        resume = last_trainer_checkpoint(stage.output_dir) if cfg.checkpoint.resume else None
-        if resume:
-            logger.info("sft: resuming from %s", resume)
-        started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume)
-        if stop.requested:
-            raise StageInterrupted(
-                f"sft stopped by a signal at step {trainer.state.global_step}; the checkpoint is in "
-                f"{last_trainer_checkpoint(stage.output_dir)}. Rerun with checkpoint.resume=true to continue"
-            )
-        train_s = time.perf_counter() - started
+        result, train_s = train_resumable(trainer, stage="sft", output_dir=stage.output_dir,
+                                          resume=cfg.checkpoint.resume, stop=stop)
 
         # 4. Held-out evaluation, then the model, the tokenizer (with its template) and the manifest.
         metrics: dict[str, Any] = {"train/loss": result.training_loss, "train/steps": trainer.state.global_step,

@@ -90,3 +90,14 @@ def test_accelerate_config_loads(path: Path):
 def test_every_accelerate_config_is_shipped():
     assert {p.name for p in ACCELERATE_CONFIGS} >= {"cpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml",
                                                      "zero3_offload.yaml"}
+
+
+def test_reward_without_sft_output_names_the_command(tmp_path, capsys):
+    from stages import reward
+
+    code = launch(reward.run, reward.Config, default_config=None, prog="launch/reward.py",
+                  argv=[f"run_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert f"{tmp_path}/sft does not exist: the sft stage has not been run" in err
+    assert f"accelerate launch launch/sft.py run_dir={tmp_path}" in err
