@@ -119,7 +119,7 @@ def test_expected_fingerprints_and_states(user_stages, tmp_path):
 def test_resolve_target_errors(user_stages):
     run, cfg_cls = resolve_target("mypkg.stages:run")
     assert cfg_cls.stage == "first"
-    with pytest.raises(ConfigError, match="cannot import 'nopkg.x' \(No module named 'nopkg'\)"):
+    with pytest.raises(ConfigError, match=r"cannot import 'nopkg.x' \(No module named 'nopkg'\)"):
         resolve_target("nopkg.x:run")
     with pytest.raises(ConfigError, match="has no function 'missing'"):
         resolve_target("mypkg.stages:missing")
