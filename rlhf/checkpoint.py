@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from rlhf.config import semantic_dict
 from rlhf.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -332,8 +333,6 @@ def input_fingerprints(records: Mapping[str, Mapping[str, str]]) -> dict[str, st
 
 def stage_fingerprint(cfg: Any) -> tuple[str, dict[str, dict[str, str]]]:
     """The fingerprint a stage config produces with its current inputs, and the input records for the manifest."""
-    from rlhf.config import semantic_dict
-
     revision = getattr(getattr(cfg, "model", None), "revision", None)
     records = {name: input_record(path, revision=revision) for name, path in cfg.input_paths().items() if path}
     return compute_fingerprint(cfg.stage, semantic_dict(cfg), input_fingerprints(records)), records

@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def encode_example(contract: TextContract, row: dict[str, Any]) -> dict[str, list[int]]:
-    """``input_ids`` and ``completion_mask`` (1 on the tokens the loss covers) of one normalised SFT row."""
+    """``input_ids`` and ``completion_mask`` (1 on the tokens the loss covers) of one normalised SFT row.
+    Conversational rows give a tokenizer without a chat template the default one."""
+    if "messages" in row or isinstance(row.get("prompt"), list):
+        contract.ensure_chat_template()
     if "messages" in row:
         ids, mask = contract.conversation(row["messages"])
     else:
@@ -60,17 +63,17 @@ def run(cfg: SFTConfig) -> Path:
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     contract = TextContract.from_tokenizer(tokenizer)
+    had_template = bool(getattr(tokenizer, "chat_template", None))
     data = prepare_dataset(
         cfg.data.path, "sft", split=cfg.data.split, eval_path=cfg.data.eval_path, eval_split=cfg.data.eval_split,
         eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, prompt_marker=cfg.data.prompt_marker,
         on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction,
-        token_length=lambda row: len(encode_example(_with_template(contract, row), row)["input_ids"]),
+        token_length=lambda row: len(encode_example(contract, row)["input_ids"]),
         max_length=cfg.data.max_length,
     )
-    added_template = any("messages" in r or isinstance(r.get("prompt"), list) for r in data.train[:1]) and \
-        contract.ensure_chat_template()
     train_set = to_hf_dataset([encode_example(contract, row) for row in data.train])
     eval_set = to_hf_dataset([encode_example(contract, row) for row in data.eval]) if data.eval else None
+    added_template = not had_template and bool(tokenizer.chat_template)
 
     with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
             StopRequest() as stop:
@@ -104,13 +107,7 @@ def run(cfg: SFTConfig) -> Path:
             saved = save_model(trainer.model, tokenizer, stage.output_dir, cfg.peft)
         state.wait_for_everyone()
         return stage.complete(metrics, extra={
-            "data": data.stats, "saved_as": saved, "chat_template_added": bool(added_template),
+            "data": data.stats, "saved_as": saved, "chat_template_added": added_template,
             "num_processes": state.num_processes, "peft_method": cfg.peft.method,
         })
 
-
-def _with_template(contract: TextContract, row: dict[str, Any]) -> TextContract:
-    # Conversational rows are measured with the template they will be trained with.
-    if "messages" in row or isinstance(row.get("prompt"), list):
-        contract.ensure_chat_template()
-    return contract
