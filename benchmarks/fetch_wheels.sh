@@ -5,8 +5,11 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 pyver=(--python-version 3.12 --implementation cp)
+# The GPU image has torch, numpy, pandas and pyarrow; these are the versions this project pins or needs above
+# what such an image tends to hold. wandb stays behind: the check logs to jsonl only.
 for pkg in trl==1.16.0 transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
-           huggingface_hub==2.4.0 wandb==0.31.0 hjson==3.1.0 py-cpuinfo==9.0.0; do
+           huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 accelerate==1.15.0 peft==0.21.2 \
+           fsspec==2026.9.0 hjson==3.1.0 py-cpuinfo==9.0.0; do
   python3 -m pip download -q --no-deps --only-binary=:all: "${pyver[@]}" "${plat[@]}" -d .whl "$pkg"
 done
 # DeepSpeed is published as a source archive; build its (pure-Python, ops compiled on first use) wheel here.

@@ -336,3 +336,27 @@ def stage_fingerprint(cfg: Any) -> tuple[str, dict[str, dict[str, str]]]:
     revision = getattr(getattr(cfg, "model", None), "revision", None)
     records = {name: input_record(path, revision=revision) for name, path in cfg.input_paths().items() if path}
     return compute_fingerprint(cfg.stage, semantic_dict(cfg), input_fingerprints(records)), records
+
+
+def truncate_logs(output_dir: str | Path, *, after_step: int) -> int:
+    """Drop the metrics and sample rows a resumed run will write again (``step > after_step``) and any summary
+    line, so its logs read as if it had never stopped. Returns the number of rows dropped."""
+    import json
+
+    dropped = 0
+    for path in (metrics_path(output_dir), samples_path(output_dir)):
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # a line cut short by the stop
+                continue
+            if "summary" in row or row.get("step", 0) > after_step:
+                dropped += 1
+                continue
+            kept.append(line)
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped

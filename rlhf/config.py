@@ -635,3 +635,138 @@ class RewardConfig(StageConfig):
     def input_paths(self) -> dict[str, str]:
         return {"model": self.backbone_path, "tokenizer": self.model.tokenizer_name_or_path or "",
                 "data": self.data.path, "eval_data": self.data.eval_path or ""}
+
+
+@dataclass
+class RolloutConfig:
+    """How PPO samples and scores responses."""
+
+    batch_size: int = option(64, doc="Prompts (= responses) per update across all processes.", ge=1)
+    max_prompt_len: int = option(64, doc="Prompts longer than this many tokens keep their last max_prompt_len.", ge=1)
+    max_new_tokens: int = option(48, doc="Longest response in tokens.", ge=1)
+    temperature: float = option(1.0, doc="Sampling temperature; training log-probs use the same one. 0 is greedy.",
+                                ge=0)
+    top_k: int = option(0, doc="Sample among the top k tokens only; 0 disables.", ge=0)
+    top_p: float = option(1.0, doc="Nucleus sampling mass; 1 disables.", gt=0, le=1)
+    missing_stop_penalty: float = option(
+        1.0, doc="Subtracted from the score of a response that reached max_new_tokens without a stop token.", ge=0
+    )
+    score_norm: Literal["none", "reward_stats", "first_rollout"] = option(
+        "reward_stats",
+        doc="Normalise scores: none; reward_stats (mean/std stored by the reward stage); first_rollout (mean/std of "
+            "the first rollout's scores, then fixed).",
+    )
+    score_clip: float | None = option(None, doc="Clip normalised scores to [-score_clip, score_clip].", gt=0)
+    micro_batch_size: int = option(64, doc="Sequences per generation and scoring pass on one process.", ge=1,
+                                   semantic=False)
+
+
+@dataclass
+class PPOAlgoConfig:
+    """The PPO update: epochs, minibatches, clipping, KL control and advantage estimation."""
+
+    num_updates: int = option(100, doc="Rollout + optimisation rounds.", ge=1)
+    ppo_epochs: int = option(2, doc="Passes over each rollout batch.", ge=1)
+    num_minibatches: int = option(2, doc="Minibatches (optimiser steps) per PPO epoch; must divide the batch.", ge=1)
+    micro_batch_size: int = option(32, doc="Sequences per forward/backward pass on one process.", ge=1,
+                                   semantic=False)
+    clip_range: float = option(0.2, doc="Policy ratio clip epsilon.", gt=0)
+    value_clip_range: float = option(0.2, doc="Value clip epsilon around the rollout's values.", gt=0)
+    vf_coef: float = option(0.1, doc="Weight of the value loss in the joint loss.", ge=0)
+    entropy_coef: float = option(0.0, doc="Weight of an entropy bonus.", ge=0)
+    gamma: float = option(1.0, doc="Discount.", ge=0, le=1)
+    lam: float = option(0.95, doc="GAE lambda.", ge=0, le=1)
+    kl_coef: float = option(0.05, doc="KL penalty coefficient (initial value when kl_target is set).", ge=0)
+    kl_estimator: Literal["k1", "k3"] = option("k1", doc="Per-token KL estimator in the reward.")
+    kl_target: float | None = option(None, doc="Adaptive KL (Ziegler et al.): the KL per sequence to steer to.", gt=0)
+    kl_horizon: float = option(10000.0, doc="Adaptive KL horizon in samples.", gt=0)
+    whiten_advantages: bool = option(True, doc="Whiten advantages over the rollout batch (all processes).")
+    whiten_rewards: bool = option(False, doc="Scale per-token rewards to unit variance before GAE.")
+    critic_learning_rate: float | None = option(None, doc="Critic learning rate; None uses optim.learning_rate.",
+                                                gt=0)
+    critic_init: Literal["auto", "reward", "policy"] = option(
+        "auto",
+        doc="Critic start: reward (the reward model; it must be causal and share the policy's tokenizer), policy "
+            "(the policy with a zero-initialised head), auto (reward when possible).",
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during PPO: generate on held-out prompts and score them."""
+
+    every: int = option(0, doc="Evaluate every N updates (and before the first and after the last); 0: only "
+                               "before and after.", ge=0, semantic=False)
+    num_prompts: int = option(512, doc="Held-out prompts per evaluation.", ge=1)
+    gold_judge: bool = option(True, doc="Also score with the demo's gold judge (plain-text demo prompts only).")
+    samples: int = option(16, doc="Rows of the sample table logged per evaluation.", ge=0, semantic=False)
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    """Policy optimisation with PPO against a learned reward model (our own implementation)."""
+
+    stage: typing.ClassVar[str] = "ppo"
+
+    model: ModelConfig = section(
+        lambda: ModelConfig(name_or_path=""), "The policy: empty means this run's SFT output; or any causal LM."
+    )
+    reward_model: ModelConfig = section(
+        lambda: ModelConfig(name_or_path=""), "The reward model: empty means this run's reward output."
+    )
+    peft: PeftConfig = section(PeftConfig, "Which policy parameters train (LoRA: the reference is the policy with "
+                                           "adapters disabled).")
+    critic_peft: PeftConfig = section(PeftConfig, "Which critic parameters train (the value head always trains).")
+    data: DataConfig = section(
+        lambda: DataConfig(path="data/demo/prompts.jsonl", eval_path="data/demo/eval_prompts.jsonl"),
+        "Prompts (rows with a prompt, messages, or a preference pair whose prompt is used) and held-out prompts.",
+    )
+    optim: OptimConfig = section(lambda: OptimConfig(learning_rate=1e-5, lr_scheduler="linear"), "Optimiser.")
+    rollout: RolloutConfig = section(RolloutConfig, "Sampling and scoring.")
+    ppo: PPOAlgoConfig = section(PPOAlgoConfig, "The PPO update.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
+    samples_every: int = option(10, doc="Log a table of (prompt, response, score) every N updates.", ge=1,
+                                semantic=False)
+    upstream_configs: dict[str, str] = option(
+        default_factory=lambda: {"sft": "configs/sft/demo.yaml", "reward": "configs/reward/demo.yaml"},
+        doc="Configs that build this run's missing SFT / reward outputs first (one process only); {} disables.",
+        semantic=False,
+    )
+
+    @property
+    def policy_path(self) -> str:
+        return self.model.name_or_path or str(Path(self.run_dir) / "sft")
+
+    @property
+    def reward_path(self) -> str:
+        return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
+
+    def batch_layout(self, num_processes: int) -> tuple[int, int, int]:
+        """``(rollouts per process, minibatch per process, micro-batches per minibatch)``; raises ConfigError with
+        the keys to change when the global batch does not split evenly."""
+        batch = self.rollout.batch_size
+        if batch % num_processes:
+            raise ConfigError(f"rollout.batch_size={batch} is not a multiple of the {num_processes} processes; change "
+                              "rollout.batch_size")
+        local = batch // num_processes
+        if local % self.ppo.num_minibatches:
+            raise ConfigError(
+                f"rollout.batch_size={batch} over {num_processes} processes gives {local} rollouts each, which "
+                f"ppo.num_minibatches={self.ppo.num_minibatches} does not divide; change one of them"
+            )
+        minibatch = local // self.ppo.num_minibatches
+        micro = min(self.ppo.micro_batch_size, minibatch)
+        if minibatch % micro:
+            raise ConfigError(
+                f"each process's minibatch has {minibatch} rollouts, which ppo.micro_batch_size={micro} does not "
+                "divide; change ppo.micro_batch_size"
+            )
+        return local, minibatch, minibatch // micro
+
+    def validate(self) -> None:
+        if self.peft.method == "prefix" or self.critic_peft.method == "prefix":
+            raise ConfigError("peft.method=prefix is not supported by PPO; use full, lora or partial")
+
+    def input_paths(self) -> dict[str, str]:
+        return {"model": self.policy_path, "tokenizer": self.model.tokenizer_name_or_path or "",
+                "reward_model": self.reward_path, "data": self.data.path, "eval_data": self.data.eval_path or ""}

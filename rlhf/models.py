@@ -60,6 +60,18 @@ def check_model_source(model: ModelConfig, *, key: str = "model.name_or_path") -
         )
 
 
+def is_encoder(model_dir: str) -> bool:
+    """Whether a checkpoint is a bidirectional encoder (BERT-style) rather than a causal LM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = " ".join(config.architectures or [])
+    return not getattr(config, "is_decoder", False) and ("Masked" in archs or "PreTraining" in archs or
+                                                          config.model_type in ("bert", "roberta", "deberta-v2",
+                                                                                "distilbert", "electra",
+                                                                                "modernbert"))
+
+
 def load_tokenizer(model: ModelConfig) -> Any:
     """The tokenizer of ``model``; one without a pad token pads with EOS (our losses use masks, never pad ids)."""
     from transformers import AutoTokenizer

@@ -4,6 +4,7 @@ running stage to save a checkpoint at the next step boundary and exit with :data
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -79,3 +80,22 @@ def trainer_stop_callback(stop: StopRequest) -> Any:
             return control
 
     return _StopOnRequest()
+
+
+#: Fault injection for tests: ``RLHF_FAULT=<point>:<step>`` stops the run at that point of that step by raising
+#: :class:`InjectedFault`, as a kill would (nothing after it runs). Points: ``checkpoint_write`` (part-way through
+#: writing the checkpoint of that update: weights written, the rest not) and ``after_checkpoint`` (once it is complete).
+FAULT_ENV = "RLHF_FAULT"
+
+
+class InjectedFault(BaseException):
+    """Raised by :func:`fault_point`; a BaseException so that no ``except Exception`` in the stack absorbs it."""
+
+
+def fault_point(point: str, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    name, _, at = spec.partition(":")
+    if name == point and at.isdigit() and int(at) == step:
+        raise InjectedFault(f"{FAULT_ENV}={spec}: stopped at {point} of step {step}")

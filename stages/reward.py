@@ -24,6 +24,7 @@ from rlhf.models import (
     apply_peft,
     check_model_source,
     count_parameters,
+    is_encoder,
     load_sequence_scorer,
     load_tokenizer,
     save_model,
@@ -43,18 +44,6 @@ REWARD_STATS_FILE = "reward_stats.json"
 
 def backbone_model_config(cfg: RewardConfig) -> ModelConfig:
     return dataclasses.replace(cfg.model, name_or_path=cfg.backbone_path)
-
-
-def is_encoder(model_dir: str) -> bool:
-    """Whether a checkpoint is a bidirectional encoder (BERT-style) rather than a causal LM."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    archs = " ".join(config.architectures or [])
-    return not getattr(config, "is_decoder", False) and ("Masked" in archs or "PreTraining" in archs or
-                                                          config.model_type in ("bert", "roberta", "deberta-v2",
-                                                                                "distilbert", "electra",
-                                                                                "modernbert"))
 
 
 def encode_pair(text: RewardText, row: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""PPO losses and the per-token quantities they need. Each loss returns ``(loss, stats)``: the loss is a sum over
+valid tokens divided by ``num_tokens`` (the token count of the whole minibatch on all processes, so that sharded
+minibatches add up to the global loss), and the stats are detached tensors normalised the same way."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.ppo.masked import masked_sum
+
+
+def _normaliser(mask: torch.Tensor, num_tokens: float | torch.Tensor | None) -> torch.Tensor:
+    n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=mask.device)
+    return n.clamp(min=1).to(torch.float32)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at ``tokens``, in float32. logits: [B, T, V]; tokens: [B, T] -> [B, T].
+
+    Gathers before normalising (log p = l_token - logsumexp(l)), so no [B, T, V] log-softmax is kept.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 16) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position, float32: H = logsumexp(l) - sum softmax(l) l.
+    Computed ``chunk`` rows at a time to bound the float32 copy. [B, T, V] -> [B, T]."""
+    out = []
+    for part in logits.split(chunk, dim=0):
+        part = part.float()
+        if temperature != 1.0:
+            part = part / temperature
+        probs = torch.softmax(part, dim=-1)
+        out.append(torch.logsumexp(part, dim=-1) - (probs * part).sum(-1))
+    return torch.cat(out, dim=0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_range: float,
+    num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    per token: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logprobs - old_logprobs).
+    All inputs [B, T]. Stats: ``clipfrac`` (share of tokens where the clipped term is active, so no gradient flows),
+    ``approx_kl`` (k3 estimate of KL(old || new) from tokens sampled by the old policy, Schulman 2020:
+    (r - 1) - log r), ``ratio`` (mean ratio).
+    """
+    mask = response_mask.bool()
+    n = _normaliser(mask, num_tokens)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / n
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_sum((clipped > unclipped).float(), mask) / n,
+            "approx_kl": masked_sum(torch.expm1(log_ratio) - log_ratio, mask) / n,
+            "ratio": masked_sum(ratio, mask) / n,
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_range: float,
+    num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) per token (the PPO2
+    baselines form; Huang et al. 2024, detail 9). All inputs [B, T]. Stats: ``clipfrac`` (share of tokens where
+    the clipped term is the larger)."""
+    mask = response_mask.bool()
+    n = _normaliser(mask, num_tokens)
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_sum(torch.maximum(unclipped_error, clipped_error), mask) / n
+    with torch.no_grad():
+        stats = {"clipfrac": masked_sum((clipped_error > unclipped_error).float(), mask) / n}
+    return loss, stats
+
+
+def explained_variance_from_moments(returns_moments: torch.Tensor, error_moments: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] from :func:`rlhf.ppo.masked.moments` of the returns and of
+    returns - values (summed over processes); nan when the returns do not vary (relative to their size)."""
+    from rlhf.ppo.masked import mean_var
+
+    mean_returns, var_returns = mean_var(returns_moments)
+    _, var_error = mean_var(error_moments)
+    # E[x^2] - E[x]^2 leaves rounding noise of order eps * E[x^2] where the true variance is 0.
+    if var_returns <= 1e-10 * (mean_returns * mean_returns + 1e-30):
+        return float("nan")
+    return float(1.0 - var_error / var_returns)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over valid tokens: 1 is a perfect critic, 0 no better than a
+    constant, negative worse. [B, T] inputs -> float32 scalar (nan when the returns do not vary)."""
+    from rlhf.ppo.masked import moments
+
+    return torch.tensor(explained_variance_from_moments(moments(returns, response_mask), moments(returns - values, response_mask)),
+                        dtype=torch.float32)

@@ -1,0 +1,164 @@
+"""Rollout helpers: batched sampling with a KV cache under an explicit generation config, per-token log-probs and
+values of the sampled responses, and reward-model scores tokenised as in reward training.
+
+Sequences are ``[prompt (left-padded) | response (right-padded)]``: every prompt ends at the same column, so the
+response tokens of all rows start together and position ids come from the attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from rlhf.ppo.sampling import sample_from_logits
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How responses are sampled. Set explicitly by the config; a checkpoint's ``generation_config.json`` (with its
+    repetition penalties and defaults) never applies, so samples come from the policy's own distribution."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of token lists left-padded to the longest. [B, P] each; mask is long (1 = token)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded prompt starts at 0. [B, L]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def truncate_after_stop(tokens: torch.Tensor, stop_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(response_mask, stopped)``: the mask is True up to and including the first stop token of each row (all of a
+    row without one); ``stopped`` says whether the row has one. tokens: [B, T] -> [B, T] bool, [B] bool."""
+    is_stop = torch.isin(tokens, torch.as_tensor(list(stop_token_ids), device=tokens.device))
+    # Stops seen strictly before t; the first stop itself stays inside the response.
+    before = torch.cumsum(is_stop.long(), dim=-1) - is_stop.long()
+    return before == 0, is_stop.any(-1)
+
+
+@dataclass
+class Rollout:
+    """Sampled responses: prompts [B, P] left-padded, responses [B, R] right-padded after the first stop token."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # bool, True on the response's tokens (the stop token included)
+    stopped: torch.Tensor  # bool [B]: the response ends with a stop token
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    def response_lists(self) -> list[list[int]]:
+        lengths = self.response_mask.sum(-1).tolist()
+        return [row[:n] for row, n in zip(self.response_ids.tolist(), lengths)]
+
+    def prompt_lists(self) -> list[list[int]]:
+        return [[t for t, m in zip(ids, mask) if m] for ids, mask in
+                zip(self.prompt_ids.tolist(), self.prompt_mask.tolist())]
+
+
+@torch.inference_mode()
+def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tensor, settings: GenerationSettings,
+             device: Any) -> Rollout:
+    """Sample one response per prompt with a KV cache, token by token, row ``b`` consuming ``uniforms[b, t]`` at
+    step t (see :mod:`rlhf.ppo.sampling`); stops early once every row has produced a stop token.
+
+    prompts: B token lists; uniforms: [B, >= max_new_tokens].
+    """
+    prompt_ids, prompt_mask = left_pad(prompts, settings.pad_token_id, device)
+    batch = prompt_ids.shape[0]
+    stops = torch.as_tensor(settings.stop_token_ids, device=device)
+    mask = prompt_mask
+    positions = position_ids(mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # transformers 5 names the KV cache `cache` (formerly `past_key_values`) in outputs and arguments.
+    cache_key = "cache" if "cache" in out else "past_key_values"
+    cache = out[cache_key]
+    next_logits = out.logits[:, -1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = []
+    for step in range(settings.max_new_tokens):
+        token = sample_from_logits(next_logits, uniforms[:, step], temperature=settings.temperature,
+                                   top_k=settings.top_k, top_p=settings.top_p)
+        token = torch.where(finished, torch.full_like(token, settings.pad_token_id), token)
+        tokens.append(token)
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()) or step == settings.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_key: cache})
+        cache = out[cache_key]
+        next_logits = out.logits[:, -1]
+    del cache, out
+    response_ids = torch.stack(tokens, dim=1)
+    response_mask, stopped = truncate_after_stop(response_ids, settings.stop_token_ids)
+    response_ids = response_ids.masked_fill(~response_mask, settings.pad_token_id)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, stopped)
+
+
+def policy_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int,
+                   *, temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and optionally entropies) of the last ``num_response_tokens`` tokens of ``input_ids`` under
+    ``model`` at ``temperature``, float32. Only the needed positions go through the output head. [B, R] each."""
+    from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
+
+    r = num_response_tokens
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   use_cache=False, logits_to_keep=r + 1).logits[:, :-1]
+    logprobs = logprobs_from_logits(logits, input_ids[:, -r:], temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), temperature)
+    return logprobs, entropy
+
+
+def score_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The one-output head of a sequence-classification model (``score`` in decoder families), wrapped or not."""
+    named = [(name, module) for name, module in model.named_modules() if name.split(".")[-1] == "score"]
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no 'score' head; a critic needs a decoder with a score head")
+    return min(named, key=lambda item: len(item[0]))[1]
+
+
+def token_values(critic: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 num_response_tokens: int, *, head: torch.nn.Module | None = None) -> torch.Tensor:
+    """The critic's value of the state before each of the last ``num_response_tokens`` tokens (read at the
+    previous position, like a log-prob), float32. The critic is a sequence-classification model; its head runs on
+    every position and a hook keeps the per-token outputs before the model pools them. [B, R]."""
+    head = score_module(critic) if head is None else head
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+               use_cache=False)
+    finally:
+        handle.remove()
+    r = num_response_tokens
+    return captured[-1][:, -r - 1:-1, 0].float()

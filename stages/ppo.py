@@ -1,0 +1,729 @@
+"""PPO against a learned reward model: our own loop on accelerate + transformers + peft.
+
+Models: the policy (from the SFT output), the reference (a frozen copy, or the policy with its LoRA adapters
+disabled), the frozen reward model, and the critic (from the reward model when it is causal and reads the policy's
+tokens, else from the policy with a zero-initialised head). Policy and critic train together as one module with one
+optimiser, so DDP and DeepSpeed see a single model.
+
+Each update: (1) take the next prompts, (2) sample responses, (3) score them (log-probs, reference log-probs,
+values, reward-model scores), (4) shape rewards with the KL penalty and estimate advantages, (5) run PPO epochs over
+minibatches, (6) log, evaluate and checkpoint. See rlhf/ppo/ for the math.
+
+    accelerate launch launch/ppo.py [--config configs/ppo/demo.yaml] [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from rlhf.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    output_dir_of,
+    prune_checkpoints,
+    read_json,
+    require_complete,
+    truncate_logs,
+    write_json_atomic,
+)
+from rlhf.config import PPOConfig
+from rlhf.data import prepare_dataset
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
+from rlhf.models import (
+    apply_peft,
+    check_model_source,
+    count_parameters,
+    is_encoder,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    save_model,
+)
+from rlhf.ppo.advantages import gae, shaped_rewards
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
+from rlhf.ppo.losses import explained_variance_from_moments, policy_loss, value_loss
+from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
+from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
+from rlhf.ppo.sampling import sample_seed, sample_uniforms
+from rlhf.runtime import StageRun, distributed_state
+from rlhf.scoring import RewardScorer
+from rlhf.signals import StageInterrupted, StopRequest, fault_point
+from rlhf.text import TextContract
+from rlhf.tracking import read_metrics
+from rlhf.train_state import load_state, rng_state, save_state, set_rng_state
+
+Config = PPOConfig
+logger = logging.getLogger(__name__)
+
+REWARD_STATS_FILE = "reward_stats.json"
+#: Files of a PPO checkpoint (inside checkpoints/step_<N>/); checkpoint.json is written last.
+MODEL_STATE = "model"  # policy + critic weights, safetensors
+TRAINER_STATE = "trainer"  # optimiser, scheduler, RNG, KL controller, counters: safetensors + JSON
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """Policy and critic as one module, so that one optimiser, one DDP wrapper or one DeepSpeed engine holds both."""
+
+    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int,
+                temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logprobs, entropy = policy_forward(self.policy, input_ids, attention_mask, num_response_tokens,
+                                           temperature=temperature, with_entropy=with_entropy)
+        values = token_values(self.critic, input_ids, attention_mask, num_response_tokens,
+                              head=score_module(self.critic))
+        return logprobs, entropy, values
+
+
+@dataclasses.dataclass
+class Batch:
+    """One process's rollout batch: token tensors [B, P + R] and per-token tensors [B, R] (float32)."""
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """Rows ``rows``, with the columns that are padding in all of them dropped (prompt side and response side)."""
+        r = self.rollout
+        prompt_mask = r.prompt_mask[rows]
+        response_mask = r.response_mask[rows]
+        first = int((prompt_mask.sum(0) > 0).nonzero()[0])
+        length = int(response_mask.sum(-1).max())
+        sub = Rollout(r.prompt_ids[rows][:, first:], prompt_mask[:, first:], r.response_ids[rows][:, :length],
+                      response_mask[:, :length], r.stopped[rows])
+        return Batch(sub, *(t[rows][:, :length] for t in (self.old_logprobs, self.ref_logprobs, self.old_values,
+                                                            self.advantages, self.returns)))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO's ratio must compare the same function at rollout and training time: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def is_lora(cfg: PPOConfig) -> bool:
+    return cfg.peft.method == "lora"
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    disable_dropout(model)
+    return model.eval()
+
+
+def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """Place a frozen model (reference, reward model) for inference: on the device, or under DeepSpeed ZeRO-3 as an
+    inference engine whose weights are sharded like the trained model's."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    plugin_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    stage = plugin_config.get("zero_optimization", {}).get("stage", 0)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": plugin_config["train_micro_batch_size_per_gpu"],
+        "zero_optimization": {"stage": 3 if stage == 3 else 0},
+    }
+    for precision in ("bf16", "fp16"):
+        if plugin_config.get(precision, {}).get("enabled") is True:
+            config[precision] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine.module
+
+
+@contextlib.contextmanager
+def gathered_for_generation(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Under ZeRO-3, gather the policy's weights once for the whole rollout instead of once per generated token."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield
+
+
+def load_prompts(cfg: PPOConfig, contract: TextContract) -> tuple[EvalPrompts, EvalPrompts]:
+    data = prepare_dataset(
+        cfg.data.path, "prompt", split=cfg.data.split, eval_path=cfg.data.eval_path, eval_split=cfg.data.eval_split,
+        eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, prompt_marker=cfg.data.prompt_marker,
+        on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction,
+    )
+    if not data.train:
+        raise ConfigError(f"data.path={cfg.data.path}: no usable prompts")
+    train = [row["prompt"] for row in data.train]
+    held_out = [row["prompt"] for row in data.eval][: cfg.eval.num_prompts]
+    return (EvalPrompts(train, encode_prompts(contract, train, cfg.rollout.max_prompt_len)),
+            EvalPrompts(held_out, encode_prompts(contract, held_out, cfg.rollout.max_prompt_len)))
+
+
+def prompt_order(seed: int, epoch: int, num_prompts: int) -> list[int]:
+    """The prompts of one pass over the data, shuffled by a generator keyed by (seed, pass)."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, "prompt-order", epoch))
+    return torch.randperm(num_prompts, generator=generator).tolist()
+
+
+class PromptStream:
+    """Prompt of global sample index g: passes over the data, each in its own seeded order. The position in the
+    stream is the update index, so resuming needs no other data state."""
+
+    def __init__(self, seed: int, num_prompts: int):
+        self.seed = seed
+        self.num_prompts = num_prompts
+        self._orders: dict[int, list[int]] = {}
+
+    def __getitem__(self, index: int) -> int:
+        epoch, offset = divmod(index, self.num_prompts)
+        if epoch not in self._orders:
+            self._orders = {epoch: prompt_order(self.seed, epoch, self.num_prompts)}
+        return self._orders[epoch][offset]
+
+
+def load_score_stats(cfg: PPOConfig) -> dict[str, float] | None:
+    path = Path(cfg.reward_path) / REWARD_STATS_FILE
+    if cfg.rollout.score_norm != "reward_stats":
+        return None
+    if not path.is_file():
+        raise ConfigError(
+            f"rollout.score_norm=reward_stats needs {path} (written by the reward stage); set "
+            "rollout.score_norm=first_rollout or none for a reward model from elsewhere"
+        )
+    stats = read_json(path)
+    return {"mean": float(stats["mean"]), "std": float(stats["std"])}
+
+
+def build_critic(cfg: PPOConfig, policy_tokenizer: Any, reward_tokenizer: Any, reward_is_encoder: bool,
+                 scorer: RewardScorer) -> tuple[torch.nn.Module, str]:
+    """The critic and where it came from ("reward" or "policy")."""
+    can_use_reward = not reward_is_encoder and scorer.shares_tokens
+    source = cfg.ppo.critic_init
+    if source == "auto":
+        source = "reward" if can_use_reward else "policy"
+    if source == "reward" and not can_use_reward:
+        raise ConfigError(
+            "ppo.critic_init=reward needs a causal reward model that reads the policy's tokens; this one is an "
+            "encoder or has another tokenizer. Use ppo.critic_init=policy (or auto)"
+        )
+    path = cfg.reward_path if source == "reward" else cfg.policy_path
+    model_cfg = cfg.reward_model if source == "reward" else cfg.model
+    critic = load_sequence_scorer(dataclasses.replace(model_cfg, name_or_path=path),
+                                  pad_token_id=(reward_tokenizer if source == "reward" else policy_tokenizer).pad_token_id)
+    if source == "policy":
+        # A fresh head predicts 0 for every state, so the first advantages are the rewards themselves.
+        with torch.no_grad():
+            for param in score_module(critic).parameters():
+                param.zero_()
+    return critic, source
+
+
+def optimiser_and_schedule(cfg: PPOConfig, model: PolicyAndCritic, total_steps: int) -> tuple[Any, Any]:
+    from transformers import get_scheduler
+
+    o = cfg.optim
+    groups = [
+        {"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": o.learning_rate},
+        {"params": [p for p in model.critic.parameters() if p.requires_grad],
+         "lr": cfg.ppo.critic_learning_rate or o.learning_rate},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.learning_rate, betas=(o.adam_beta1,
+                                  o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay)
+    scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=math.ceil(o.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One batch from several generation chunks (their prompt and response widths differ)."""
+    prompts = [p for part in parts for p in part.prompt_lists()]
+    responses = [r for part in parts for r in part.response_lists()]
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, parts[0].prompt_ids.device)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
+    for row, response in enumerate(responses):
+        response_ids[row, :len(response)] = torch.as_tensor(response)
+        response_mask[row, :len(response)] = True
+    device = prompt_ids.device
+    return Rollout(prompt_ids, prompt_mask, response_ids.to(device), response_mask.to(device),
+                   torch.cat([part.stopped for part in parts]))
+
+
+@dataclasses.dataclass
+class PPOModels:
+    """What an update hook sees: the unwrapped trained module (policy + critic), the reference (None when it is the
+    policy with adapters disabled) and the reward model."""
+
+    trained: PolicyAndCritic
+    reference: torch.nn.Module | None
+    reward_model: torch.nn.Module
+
+
+#: Called with (update index, models) before the first update (index 0 or the resumed one) and after each update.
+UpdateHook = Callable[[int, PPOModels], None]
+
+
+def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, gather_object
+    from tqdm.auto import tqdm
+
+    state = distributed_state()
+    local_batch, minibatch, micro_per_minibatch = cfg.batch_layout(state.num_processes)
+
+    # 1. Inputs, checked before any weights load.
+    if not cfg.model.name_or_path:
+        require_complete(cfg.policy_path, stage="sft", how_to_build=f"accelerate launch launch/sft.py run_dir={cfg.run_dir}")
+    if not cfg.reward_model.name_or_path:
+        require_complete(cfg.reward_path, stage="reward",
+                         how_to_build=f"accelerate launch launch/reward.py run_dir={cfg.run_dir}")
+    policy_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.policy_path)
+    reward_cfg = dataclasses.replace(cfg.reward_model, name_or_path=cfg.reward_path)
+    check_model_source(policy_cfg, key="model.name_or_path")
+    check_model_source(reward_cfg, key="reward_model.name_or_path")
+    tokenizer = load_tokenizer(policy_cfg)
+    tokenizer.padding_side = "left"
+    contract = TextContract.from_tokenizer(tokenizer)
+    reward_tokenizer = load_tokenizer(reward_cfg)
+    reward_is_encoder = is_encoder(cfg.reward_path)
+    train_prompts, eval_prompts = load_prompts(cfg, contract)
+    score_stats = load_score_stats(cfg)
+    resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
+    if resume_from is not None and state.is_main_process:
+        # The resumed run rewrites what came after its checkpoint; the logs must not hold those rows twice.
+        truncate_logs(resume_from.parent.parent, after_step=read_json(resume_from / "checkpoint.json")["step"])
+    state.wait_for_everyone()
+    settings = GenerationSettings(
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
+        top_p=cfg.rollout.top_p, stop_token_ids=contract.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+    )
+    temperature = cfg.rollout.temperature or 1.0
+
+    accelerator = Accelerator(gradient_accumulation_steps=micro_per_minibatch)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # No dataloader goes through prepare(), so DeepSpeed learns the micro-batch size here.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = minibatch // micro_per_minibatch
+        ds_config["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
+    device = accelerator.device
+
+    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
+            StopRequest() as stop:
+        # 2. Models: policy (+ reference), reward model, critic.
+        policy = load_causal_lm(policy_cfg)
+        reference = None if is_lora(cfg) else frozen(copy.deepcopy(policy))
+        reward_model = frozen(load_sequence_scorer(reward_cfg, pad_token_id=reward_tokenizer.pad_token_id))
+        scorer = RewardScorer(reward_model, reward_tokenizer, policy_contract=contract,
+                              is_encoder=reward_is_encoder, batch_size=cfg.rollout.micro_batch_size)
+        critic, critic_source = build_critic(cfg, tokenizer, reward_tokenizer, reward_is_encoder, scorer)
+        for model in (policy, critic):
+            disable_dropout(model)
+        policy = apply_peft(policy, cfg.peft, task="causal_lm")
+        critic = apply_peft(critic, cfg.critic_peft, task="score")
+        if cfg.model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        model = PolicyAndCritic(policy, critic)
+        trainable, total = count_parameters(model)
+        total_steps = cfg.ppo.num_updates * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
+        optimizer, scheduler = optimiser_and_schedule(cfg, model, total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        reference = prepare_frozen(accelerator, reference) if reference is not None else None
+        scorer.model = prepare_frozen(accelerator, reward_model)
+        unwrapped = accelerator.unwrap_model(model)
+        logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
+                    "parameters train; critic from the %s model; reference: %s", state.num_processes, local_batch,
+                    minibatch, micro_per_minibatch, trainable, total, critic_source,
+                    "policy with adapters disabled" if reference is None else "frozen copy")
+
+        def reference_logprobs(input_ids: torch.Tensor, attention_mask: torch.Tensor, r: int) -> torch.Tensor:
+            if reference is not None:
+                return policy_forward(reference, input_ids, attention_mask, r, temperature=temperature)[0]
+            with unwrapped.policy.disable_adapter():
+                return policy_forward(unwrapped.policy, input_ids, attention_mask, r, temperature=temperature)[0]
+
+        kl_ctl: FixedKLController | AdaptiveKLController = (
+            FixedKLController(cfg.ppo.kl_coef) if cfg.ppo.kl_target is None
+            else AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon))
+        prompts = PromptStream(cfg.seed, len(train_prompts.prompts))
+        start_update = 0
+        if resume_from is not None:
+            start_update, score_stats = restore(resume_from, unwrapped, optimizer, scheduler, kl_ctl, state)
+            logger.info("ppo: resumed from %s (update %d)", resume_from, start_update)
+
+        def run_eval(update: int) -> dict[str, float]:
+            indices = list(range(state.process_index, len(eval_prompts.prompts), state.num_processes))
+            unwrapped.eval()
+            with gathered_for_generation(accelerator, unwrapped.policy):
+                records = evaluate_policy(unwrapped.policy, reference_logprobs, scorer, eval_prompts, indices,
+                                          settings, seed=cfg.seed, device=device,
+                                          batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold)
+            records = sorted(gather_object(records), key=lambda rec: rec["index"])
+            metrics = summarise_records(records)
+            stage.tracker.log(metrics, step=update)
+            if cfg.eval.samples:
+                columns = ["prompt", "response", "score", "kl"] + (["gold_combined"] if use_gold else [])
+                stage.tracker.log_table("eval_samples", columns,
+                                        [[str(r[c]) if c == "prompt" else r[c] for c in columns]
+                                         for r in records[: cfg.eval.samples]], step=update)
+            return metrics
+
+        use_gold = cfg.eval.gold_judge and all(isinstance(p, str) for p in eval_prompts.prompts)
+        eval_before: dict[str, float] = {}
+        if eval_prompts.prompts and start_update == 0:
+            eval_before = run_eval(0)
+        elif eval_prompts.prompts:
+            eval_before = {k: v for row in read_metrics(stage.output_dir) if row.get("step") == 0
+                           for k, v in row.items() if k.startswith("eval/")}
+            logger.info("ppo: before training %s", format_metrics(eval_before))
+
+        if on_update is not None:
+            on_update(start_update, PPOModels(unwrapped, reference, scorer.model))
+        progress = tqdm(range(start_update, cfg.ppo.num_updates), initial=start_update, total=cfg.ppo.num_updates,
+                        desc="ppo", disable=not state.is_main_process)
+        history: dict[str, float] = {}
+        times = {"rollout_s": 0.0, "train_s": 0.0, "tokens": 0.0}
+        for update in progress:
+            # 3. Rollout: this process's share of the update's global sample indices, one random stream each.
+            t0 = time.perf_counter()
+            first = update * cfg.rollout.batch_size + state.process_index * local_batch
+            indices = list(range(first, first + local_batch))
+            prompt_rows = [prompts[g] for g in indices]
+            unwrapped.eval()
+            with torch.inference_mode():
+                parts = []
+                with gathered_for_generation(accelerator, unwrapped.policy):
+                    for start in range(0, local_batch, cfg.rollout.micro_batch_size):
+                        chunk = indices[start:start + cfg.rollout.micro_batch_size]
+                        rows = prompt_rows[start:start + cfg.rollout.micro_batch_size]
+                        uniforms = sample_uniforms(cfg.seed, "rollout", chunk, cfg.rollout.max_new_tokens)
+                        parts.append(generate(unwrapped.policy, [train_prompts.prompt_ids[i] for i in rows],
+                                              uniforms, settings, device))
+                rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+                r = rollout.response_ids.shape[1]
+                mask = rollout.response_mask
+                old_logprobs, old_values, ref_logprobs = [], [], []
+                for start in range(0, local_batch, cfg.rollout.micro_batch_size):
+                    rows = torch.arange(start, min(start + cfg.rollout.micro_batch_size, local_batch))
+                    ids, att = rollout.input_ids[rows], rollout.attention_mask[rows]
+                    lp, _, v = unwrapped(ids, att, r, temperature, False)
+                    old_logprobs.append(lp)
+                    old_values.append(v)
+                    ref_logprobs.append(reference_logprobs(ids, att, r))
+                old_logprobs = torch.cat(old_logprobs)
+                old_values = torch.cat(old_values)
+                ref_logprobs = torch.cat(ref_logprobs)
+                raw_scores = scorer.score([train_prompts.prompts[i] for i in prompt_rows], rollout.prompt_lists(),
+                                          rollout.response_lists()).to(device)
+
+                # 4. Scores, KL-shaped rewards, advantages (statistics over all processes).
+                if cfg.rollout.score_norm == "first_rollout" and score_stats is None:
+                    mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
+                    score_stats = {"mean": mean.item(), "std": math.sqrt(var.item())}
+                scores = final_scores(raw_scores, rollout.stopped, score_stats,
+                                      missing_stop_penalty=cfg.rollout.missing_stop_penalty,
+                                      clip=cfg.rollout.score_clip)
+                kl = kl_per_token(old_logprobs, ref_logprobs, cfg.ppo.kl_estimator) * mask
+                rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
+                if cfg.ppo.whiten_rewards:
+                    rewards = whiten(rewards, mask, shift_mean=False,
+                                     stats=accelerator.reduce(moments(rewards, mask), "sum"))
+                advantages, returns = gae(rewards, old_values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+                if cfg.ppo.whiten_advantages:
+                    advantages = whiten(advantages, mask, stats=accelerator.reduce(moments(advantages, mask), "sum"))
+            # Tensors made under inference_mode cannot be saved for backward; clones outside it can.
+            batch = Batch(*(clone_tree(x) for x in (rollout, old_logprobs, ref_logprobs, old_values, advantages,
+                                                     returns)))
+            rollout_s = time.perf_counter() - t0
+
+            # 5. PPO epochs over shuffled minibatches; micro-batches accumulate gradients.
+            t1 = time.perf_counter()
+            unwrapped.train()
+            sums = torch.zeros(8, dtype=torch.float64, device=device)
+            seq_lengths = batch.rollout.attention_mask.sum(-1)
+            for epoch in range(cfg.ppo.ppo_epochs):
+                generator = torch.Generator().manual_seed(
+                    sample_seed(cfg.seed, f"minibatch/{state.process_index}", update * cfg.ppo.ppo_epochs + epoch))
+                order = torch.randperm(local_batch, generator=generator).to(device)
+                for mb_start in range(0, local_batch, minibatch):
+                    mb_rows = order[mb_start:mb_start + minibatch]
+                    # Losses are token sums over the global minibatch token count (sharded == global loss).
+                    mb_tokens = accelerator.reduce(batch.rollout.response_mask[mb_rows].sum().float(), "sum")
+                    # Micro-batches of similar lengths waste less compute on padding; the summed gradient is the same.
+                    mb_rows = mb_rows[seq_lengths[mb_rows].argsort(stable=True)]
+                    for micro_rows in mb_rows.split(minibatch // micro_per_minibatch):
+                        mb = batch.select(micro_rows)
+                        with accelerator.accumulate(model):
+                            logprobs, entropy, values = model(mb.rollout.input_ids, mb.rollout.attention_mask,
+                                                              mb.old_logprobs.shape[1], temperature,
+                                                              True)
+                            m = mb.rollout.response_mask
+                            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m,
+                                                            clip_range=cfg.ppo.clip_range, num_tokens=mb_tokens)
+                            vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
+                                                           clip_range=cfg.ppo.value_clip_range, num_tokens=mb_tokens)
+                            loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+                            entropy_mean = masked_sum(entropy, m) / mb_tokens
+                            # DDP averages gradients over processes and accelerate divides by the accumulation
+                            # steps; undo both so the gradient is that of the global token-mean loss.
+                            accelerator.backward(loss * state.num_processes * micro_per_minibatch)
+                            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                            optimizer.step()
+                            if accelerator.sync_gradients:
+                                scheduler.step()
+                            optimizer.zero_grad()
+                        sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
+                                             pg_stats["approx_kl"], entropy_mean.detach(), vf_stats["clipfrac"],
+                                             pg_stats["ratio"], torch.zeros((), device=device)]).double()
+            train_s = time.perf_counter() - t1
+
+            # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.
+            num_minibatches = cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
+            sums = accelerator.reduce(sums, "sum") / num_minibatches
+            seq_kl = (kl_per_token(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+            per_sample = torch.stack([raw_scores, raw_scores * raw_scores, seq_kl, mask.sum(-1).float(),
+                                      rollout.stopped.float(), scores]).double()
+            totals = accelerator.reduce(per_sample.sum(-1), "sum") / cfg.rollout.batch_size
+            ev = explained_variance_all(accelerator, old_values, returns, mask)
+            generated = totals[3].item() * cfg.rollout.batch_size
+            metrics = {
+                "rollout/score_mean": totals[0].item(),
+                "rollout/score_std": math.sqrt(max(totals[1].item() - totals[0].item() ** 2, 0.0)),
+                "rollout/kl": totals[2].item(),
+                "rollout/response_len": totals[3].item(),
+                "rollout/eos_rate": totals[4].item(),
+                "rollout/reward_mean": totals[5].item(),
+                "ppo/policy_loss": sums[0].item(), "ppo/value_loss": sums[1].item(), "ppo/clipfrac": sums[2].item(),
+                "ppo/approx_kl": sums[3].item(), "ppo/entropy": sums[4].item(), "ppo/value_clipfrac": sums[5].item(),
+                "ppo/ratio": sums[6].item(), "ppo/explained_var": ev, "ppo/kl_coef": kl_ctl.value,
+                "ppo/lr": scheduler.get_last_lr()[0],
+                "time/rollout_s": rollout_s, "time/train_s": train_s,
+                "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
+            }
+            kl_ctl.update(metrics["rollout/kl"], cfg.rollout.batch_size)
+            step = update + 1
+            if on_update is not None:
+                on_update(step, PPOModels(unwrapped, reference, scorer.model))
+            stage.tracker.log(metrics, step=step)
+            history = metrics
+            times["rollout_s"] += rollout_s
+            times["train_s"] += train_s
+            times["tokens"] += generated
+            progress.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl']:.3f}")
+            if step % cfg.samples_every == 0 or step == cfg.ppo.num_updates:
+                log_samples(stage.tracker, contract, train_prompts, prompt_rows, batch.rollout, raw_scores, step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.ppo.num_updates and eval_prompts.prompts:
+                run_eval(step)
+            stopping = stop.agreed(device)
+            if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or \
+                    (stopping and step < cfg.ppo.num_updates):
+                save_checkpoint(accelerator, stage.output_dir, step, unwrapped, optimizer, scheduler, kl_ctl,
+                                score_stats, keep_last=cfg.checkpoint.keep_last)
+            if stopping and step < cfg.ppo.num_updates:
+                raise StageInterrupted(f"ppo stopped by a signal after update {step}; a checkpoint was saved. Rerun "
+                                       "with checkpoint.resume=true to continue")
+        progress.close()
+
+        # 7. Held-out evaluation of the final policy, then the outputs and the manifest.
+        eval_after = run_eval(cfg.ppo.num_updates) if eval_prompts.prompts else {}
+        summary: dict[str, Any] = {f"final/{k.split('/', 1)[1]}": v for k, v in eval_after.items()}
+        summary.update({f"initial/{k.split('/', 1)[1]}": v for k, v in eval_before.items()})
+        summary.update({k: v for k, v in history.items() if k.startswith(("rollout/", "ppo/"))})
+        summary.update({"time/rollout_s": times["rollout_s"], "time/train_s": times["train_s"],
+                        "perf/tokens_per_s": times["tokens"] / max(times["rollout_s"] + times["train_s"], 1e-9),
+                        "trainable_parameters": trainable, "updates": cfg.ppo.num_updates})
+        state_dict = accelerator.get_state_dict(model)
+        saved = None
+        if state.is_main_process:
+            unwrapped.load_state_dict(state_dict)
+            saved = save_model(unwrapped.policy, tokenizer, stage.output_dir / "policy", cfg.peft)
+            save_model(unwrapped.critic, tokenizer, stage.output_dir / "value", cfg.critic_peft)
+            if score_stats is not None:
+                write_json_atomic(stage.output_dir / REWARD_STATS_FILE, score_stats)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            logger.info("ppo: %s", format_metrics(summary))
+        return stage.complete(summary, extra={"num_processes": state.num_processes, "critic_init": critic_source,
+                                              "reference": "adapters disabled" if reference is None else "copy",
+                                              "policy_saved_as": saved, "score_norm": score_stats,
+                                              "kl_coef_final": kl_ctl.value})
+
+
+def final_scores(raw_scores: torch.Tensor, stopped: torch.Tensor, stats: dict[str, float] | None, *,
+                 missing_stop_penalty: float, clip: float | None) -> torch.Tensor:
+    """The sequence scores PPO optimises: reward-model scores normalised by ``stats`` (mean/std), minus the penalty
+    for responses that never produced a stop token, clipped to [-clip, clip]. [B] -> [B]."""
+    scores = raw_scores.float()
+    if stats is not None:
+        scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
+    scores = scores - missing_stop_penalty * (~stopped.bool()).float()
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+
+
+def clone_tree(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, Rollout):
+        return Rollout(*(t.clone() for t in dataclasses.astuple(x)))
+    return x
+
+
+def explained_variance_all(accelerator: Any, values: torch.Tensor, returns: torch.Tensor,
+                           mask: torch.Tensor) -> float:
+    """Explained variance of the critic over the whole rollout batch (all processes)."""
+    return explained_variance_from_moments(accelerator.reduce(moments(returns, mask), "sum"),
+                                           accelerator.reduce(moments(returns - values, mask), "sum"))
+
+
+def log_samples(tracker: Any, contract: TextContract, prompts: EvalPrompts, prompt_rows: list[int],
+                rollout: Rollout, scores: torch.Tensor, step: int, limit: int = 8) -> None:
+    rows = []
+    for i, response in enumerate(rollout.response_lists()[:limit]):
+        text, stopped = contract.decode_response(response)
+        rows.append([str(prompts.prompts[prompt_rows[i]]), text, round(scores[i].item(), 4), stopped])
+    tracker.log_table("rollout_samples", ["prompt", "response", "score", "stopped"], rows, step=step)
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, unwrapped: PolicyAndCritic, optimizer: Any,
+                    scheduler: Any, kl_ctl: Any, score_stats: dict[str, float] | None, *, keep_last: int) -> Path:
+    """checkpoints/step_<N>/: weights, optimiser, scheduler, RNG, KL controller and counters; checkpoint.json last,
+    so a checkpoint cut short is never taken for a complete one."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise CheckpointError("intermediate PPO checkpoints are not supported under DeepSpeed yet; set "
+                              "checkpoint.save_every=0")
+    directory = checkpoint_dir(output_dir, step)
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "checkpoint.json").unlink(missing_ok=True)
+        weights = {k: v for k, v in unwrapped.state_dict().items()}
+        save_state(directory, MODEL_STATE, weights)
+        fault_point("checkpoint_write", step)
+        save_state(directory, TRAINER_STATE, {
+            "optimizer": optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "kl_controller": kl_ctl.state_dict(),
+            "score_stats": score_stats,
+            "update": step,
+        })
+        write_json_atomic(directory / "checkpoint.json", {"step": step, "update": step, "complete": True})
+        prune_checkpoints(output_dir, keep_last)
+        logger.info("ppo: checkpoint %s", directory)
+    accelerator.wait_for_everyone()
+    fault_point("after_checkpoint", step)
+    return directory
+
+
+def restore(directory: Path, unwrapped: PolicyAndCritic, optimizer: Any, scheduler: Any, kl_ctl: Any,
+            state: Any) -> tuple[int, dict[str, float] | None]:
+    weights = load_state(directory, MODEL_STATE)
+    unwrapped.load_state_dict(weights)
+    trainer = load_state(directory, TRAINER_STATE)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    inner.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    kl_ctl.load_state_dict(trainer["kl_controller"])
+    if state.is_main_process:
+        set_rng_state(trainer["rng"])
+    return int(trainer["update"]), trainer["score_stats"]
+
+
+__all__ = ["Config", "run", "list_checkpoints"]
+
+
+def build_missing_upstream(cfg: PPOConfig) -> list[str]:
+    """Build this run's SFT and reward outputs when PPO needs them and they are missing or incomplete, with the
+    configs of ``upstream_configs`` (run_dir set to this run's). Several processes cannot safely run them in one
+    launch; then the error names the command to run first. Returns the stages built."""
+    from rlhf.checkpoint import read_manifest, stage_output_dir
+    from rlhf.config import load_config
+    from rlhf.launcher import REPO_ROOT
+    from rlhf.pipeline import STANDARD_STAGES, resolve_target
+
+    needed = [name for name, path in (("sft", cfg.model.name_or_path), ("reward", cfg.reward_model.name_or_path))
+              if not path]
+    built = []
+    for name in needed:
+        manifest = read_manifest(stage_output_dir(cfg.run_dir, name))
+        if manifest is not None:
+            continue
+        config_file = cfg.upstream_configs.get(name)
+        command = f"accelerate launch launch/{name}.py run_dir={cfg.run_dir}"
+        if not config_file:
+            raise CheckpointError(f"{stage_output_dir(cfg.run_dir, name)} is not a complete {name} output; run "
+                                  f"`{command}` first")
+        if distributed_state().num_processes > 1:
+            raise CheckpointError(
+                f"{stage_output_dir(cfg.run_dir, name)} is missing; with several processes PPO does not build it in "
+                f"the same launch. Run `{command}` first (or launch PPO as one process)"
+            )
+        path = Path(config_file)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path
+        function, config_cls = resolve_target(STANDARD_STAGES[name][0])
+        upstream_cfg = load_config(config_cls, path, [f"run_dir={cfg.run_dir}"])
+        upstream_cfg.validate()
+        logger.info("ppo: %s output missing; building it first with %s", name, path)
+        function(upstream_cfg)
+        built.append(name)
+    return built
+
+
+def run_with_upstream(cfg: PPOConfig) -> Path:
+    """The main command: missing upstream stages, then PPO (with its held-out evaluation), then a summary."""
+    built = build_missing_upstream(cfg)
+    output_dir = run(cfg)
+    if distributed_state().is_main_process:
+        from rlhf.checkpoint import read_manifest
+
+        metrics = (read_manifest(output_dir) or {}).get("metrics", {})
+        print(summary_table(metrics, built))
+    return output_dir
+
+
+def summary_table(metrics: dict[str, Any], built: list[str]) -> str:
+    """Held-out figures before (the SFT policy) and after PPO, one line each."""
+    lines = [f"built first: {', '.join(built)}"] if built else []
+    lines.append(f"{'held-out':<22}{'before':>10}{'after':>10}")
+    for key in ("score_mean", "kl", "eos_rate", "response_len", "gold_combined", "gold_positive",
+                "gold_grammatical", "gold_repetition", "gold_concise"):
+        before, after = metrics.get(f"initial/{key}"), metrics.get(f"final/{key}")
+        if before is None and after is None:
+            continue
+        fmt = lambda v: f"{v:10.3f}" if isinstance(v, (int, float)) else f"{'-':>10}"  # noqa: E731
+        lines.append(f"{key:<22}{fmt(before)}{fmt(after)}")
+    lines.append(f"time: rollout {metrics.get('time/rollout_s', 0):.1f} s, train {metrics.get('time/train_s', 0):.1f} s, "
+                 f"{metrics.get('perf/tokens_per_s', 0):.0f} tokens/s")
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""The PPO stage on tiny models: what one update changes and keeps, LoRA's reference, critic initialisation, scores
+tokenised as in reward training, the missing-stop penalty, outputs, and resume after a fault."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, train_tokenizer, write_jsonl
+
+from rlhf.checkpoint import list_checkpoints, read_manifest
+from rlhf.config import PPOConfig, load_config
+from rlhf.errors import ConfigError
+from rlhf.models import score_sequences
+from rlhf.scoring import RewardScorer
+from rlhf.signals import FAULT_ENV, InjectedFault
+from rlhf.text import RewardText, TextContract
+from rlhf.tracking import read_metrics
+from stages import ppo
+
+METRIC_NAMES = ("rollout/score_mean", "rollout/kl", "rollout/response_len", "rollout/eos_rate", "ppo/policy_loss",
+                "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/explained_var",
+                "ppo/kl_coef", "time/rollout_s", "time/train_s", "perf/tokens_per_s")
+
+
+def save_reward_model(path, base, tokenizer, seed=1):
+    """A sequence-classification model on ``base`` with a seeded random head, as a reward stage would save it."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    tokenizer = plain_tokenizer()
+    sft = save_tiny_causal_lm(root / "sft", tokenizer)
+    rm = save_reward_model(root / "reward", sft, tokenizer)
+    prompts = demo_rows("prompts.jsonl", 80)
+    eval_prompts = [r for r in demo_rows("eval_prompts.jsonl", 60) if r not in prompts][:12]
+    return root, sft, rm, write_jsonl(root / "prompts.jsonl", prompts), write_jsonl(root / "eval.jsonl", eval_prompts)
+
+
+def _cfg(setup, name, *extra):
+    root, sft, rm, prompts, eval_prompts = setup
+    return load_config(PPOConfig, None, [
+        f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
+        f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8", "rollout.max_new_tokens=8",
+        "rollout.score_norm=none", "ppo.num_updates=1", "ppo.ppo_epochs=2", "ppo.num_minibatches=2",
+        "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false", "optim.learning_rate=1e-2",
+        "optim.lr_scheduler=constant", *extra,
+    ])
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_one_update_changes_policy_and_critic_and_keeps_reference_and_reward_model(setup):
+    seen = {}
+    out = ppo.run(_cfg(setup, "full"), on_update=lambda i, m: seen.__setitem__(i, (
+        _snapshot(m.trained.policy), _snapshot(m.trained.critic), _snapshot(m.reference), _snapshot(m.reward_model))))
+    (p0, c0, r0, rm0), (p1, c1, r1, rm1) = seen[0], seen[1]
+    moved = lambda a, b, key: not torch.equal(a[key], b[key])  # noqa: E731
+    # Every block weight of the policy and the critic trains (position embeddings past the longest sequence get no
+    # gradient, so the embedding tables are left out).
+    for before, after in ((p0, p1), (c0, c1)):
+        block_keys = [k for k in before if ".h." in k]
+        assert block_keys and all(moved(before, after, k) for k in block_keys)
+    assert moved(c0, c1, "score.weight")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert all(torch.equal(rm0[k], rm1[k]) for k in rm0)
+
+    rows = [r for r in read_metrics(out) if "rollout/kl" in r]
+    assert len(rows) == 1 and all(name in rows[0] for name in METRIC_NAMES)
+    # Before the first update the policy is the reference: the KL of the first rollout is exactly 0.
+    assert rows[0]["rollout/kl"] == 0.0
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["critic_init"] == "reward"
+    assert manifest["metrics"]["final/kl"] > 0 and manifest["metrics"]["initial/kl"] == 0
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(out / "policy")
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "value")
+    for key, value in policy.state_dict().items():
+        torch.testing.assert_close(value, p1[key], rtol=0, atol=0)
+    assert critic.config.num_labels == 1
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled_and_base_weights_stay(setup):
+    seen = {}
+    out = ppo.run(_cfg(setup, "lora", "peft.method=lora", "peft.lora_r=4", "critic_peft.method=lora",
+                       "critic_peft.lora_r=4"),
+                  on_update=lambda i, m: seen.__setitem__(i, (m.reference, _snapshot(m.trained.policy))))
+    (ref0, p0), (_, p1) = seen[0], seen[1]
+    assert ref0 is None
+    lora_b = [k for k in p0 if "lora_B" in k]
+    base = [k for k in p0 if "lora_" not in k]
+    assert lora_b and all(not torch.equal(p0[k], p1[k]) for k in lora_b)
+    assert all(torch.equal(p0[k], p1[k]) for k in base)
+    # The saved policy is merged: a plain causal LM whose weights differ from the SFT model's.
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+    sft = load_file(setup[1] / "model.safetensors")
+    assert any(not torch.allclose(merged[k], sft[k]) for k in sft if k in merged)
+    assert read_manifest(out)["reference"] == "adapters disabled"
+
+
+def test_critic_from_policy_starts_with_a_zero_head(setup):
+    seen = {}
+    out = ppo.run(_cfg(setup, "critic-policy", "ppo.critic_init=policy"),
+                  on_update=lambda i, m: seen.__setitem__(i, _snapshot(m.trained.critic)))
+    assert torch.count_nonzero(seen[0]["score.weight"]) == 0
+    assert torch.count_nonzero(seen[1]["score.weight"]) > 0
+    assert read_manifest(out)["critic_init"] == "policy"
+
+
+def _pairs():
+    rows = demo_rows("preferences.jsonl", 6)
+    return [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+
+
+@pytest.mark.parametrize("tokenizers", ["shared", "different"])
+def test_ppo_score_equals_the_reward_stages_score(setup, tmp_path, tokenizers):
+    from transformers import AutoModelForSequenceClassification
+
+    _, sft, rm_dir, _, _ = setup
+    policy_tokenizer = plain_tokenizer()
+    if tokenizers == "different":
+        other = train_tokenizer(["<s>", "</s>", "<pad>"], eos="</s>", pad="<pad>", bos="<s>", vocab_size=280)
+        base = save_tiny_causal_lm(tmp_path / "other-base", other, seed=3)
+        rm_dir = save_reward_model(tmp_path / "other-rm", base, other, seed=4)
+    reward_tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    contract = TextContract.from_tokenizer(policy_tokenizer)
+    scorer = RewardScorer(model, reward_tokenizer, policy_contract=contract, is_encoder=False, batch_size=4)
+    assert scorer.shares_tokens == (tokenizers == "shared")
+
+    prompts, responses = _pairs()
+    prompt_ids = [contract.prompt_ids(p) for p in prompts]
+    # What PPO holds after sampling: the response's token ids through the stop token.
+    response_ids = [contract.response_ids(p, r) for p, r in zip(prompts, responses)]
+    assert len({len(r) for r in response_ids}) > 1  # different lengths in one padded batch
+    ppo_scores = scorer.score(prompts, prompt_ids, response_ids)
+    # What the reward stage computes for the same pair (encode_pair, then score_sequences), one at a time.
+    text = RewardText.for_model(reward_tokenizer, is_encoder=False)
+    stage_scores = torch.cat([score_sequences(model, [text.ids(p, r)], pad_token_id=reward_tokenizer.pad_token_id)
+                              for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(ppo_scores, stage_scores, atol=1e-5, rtol=0)
+
+
+def test_scores_are_read_at_the_last_real_token_of_each_response(setup):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _, _, rm_dir, _, _ = setup
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    contract = TextContract.from_tokenizer(tokenizer)
+    scorer = RewardScorer(model, tokenizer, policy_contract=contract, is_encoder=False)
+    prompts, responses = _pairs()
+    prompt_ids = [contract.prompt_ids(p) for p in prompts]
+    response_ids = [contract.response_ids(p, r) for p, r in zip(prompts, responses)]
+    batched = scorer.score(prompts, prompt_ids, response_ids)
+    # The score head's output at the last real token, computed by hand on each unpadded sequence.
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        hidden = model.transformer(input_ids=torch.tensor([p + r])).last_hidden_state
+        expected = model.score(hidden)[0, -1, 0]
+        torch.testing.assert_close(batched[i], expected.detach(), atol=1e-5, rtol=0)
+
+
+def test_missing_stop_penalty_and_score_normalisation():
+    raw = torch.tensor([1.0, 3.0, 5.0])
+    stopped = torch.tensor([True, False, True])
+    scores = ppo.final_scores(raw, stopped, {"mean": 3.0, "std": 2.0}, missing_stop_penalty=0.5, clip=None)
+    torch.testing.assert_close(scores, torch.tensor([-1.0, -0.5, 1.0]))
+    clipped = ppo.final_scores(raw, stopped, None, missing_stop_penalty=1.0, clip=2.5)
+    torch.testing.assert_close(clipped, torch.tensor([1.0, 2.0, 2.5]))
+
+
+def test_missing_stop_penalty_reaches_the_rewards(setup):
+    # Two new tokens never reach a stop token on a random model: every response is penalised.
+    out = ppo.run(_cfg(setup, "penalty", "rollout.max_new_tokens=2", "rollout.missing_stop_penalty=3.0"))
+    row = [r for r in read_metrics(out) if "rollout/kl" in r][0]
+    assert row["rollout/eos_rate"] < 0.5
+    penalised = 1.0 - row["rollout/eos_rate"]
+    assert row["rollout/reward_mean"] == pytest.approx(row["rollout/score_mean"] - 3.0 * penalised, abs=1e-5)
+
+
+def test_batch_layout_errors_name_the_keys():
+    cfg = load_config(PPOConfig, None, ["rollout.batch_size=10", "ppo.num_minibatches=4"])
+    with pytest.raises(ConfigError, match="ppo.num_minibatches=4"):
+        cfg.batch_layout(1)
+    with pytest.raises(ConfigError, match="rollout.batch_size=10 is not a multiple of the 4 processes"):
+        cfg.batch_layout(4)
+    cfg = load_config(PPOConfig, None, ["rollout.batch_size=12", "ppo.num_minibatches=1", "ppo.micro_batch_size=5"])
+    with pytest.raises(ConfigError, match="ppo.micro_batch_size=5"):
+        cfg.batch_layout(1)
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith(("time/", "perf/"))} for r in rows]
+
+
+@pytest.mark.parametrize("fault", ["after_checkpoint:2", "checkpoint_write:2"])
+def test_resume_after_a_fault_matches_an_uninterrupted_run_bitwise(setup, monkeypatch, fault):
+    extra = ["ppo.num_updates=4", "checkpoint.save_every=1", "checkpoint.keep_last=2", "eval.every=2"]
+    straight = ppo.run(_cfg(setup, f"straight-{fault}", *extra))
+
+    monkeypatch.setenv(FAULT_ENV, fault)
+    with pytest.raises(InjectedFault):
+        ppo.run(_cfg(setup, f"resumed-{fault}", *extra))
+    stopped = straight.parent.parent / f"resumed-{fault}" / "ppo"
+    assert read_manifest(stopped) is None
+    # Stopped part-way through writing checkpoint 2, only checkpoint 1 is complete.
+    assert list_checkpoints(stopped)[-1] == (2 if fault.startswith("after") else 1)
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = ppo.run(_cfg(setup, f"resumed-{fault}", *extra, "checkpoint.resume=true"))
+
+    for part in ("policy", "value"):
+        a, b = load_file(straight / part / "model.safetensors"), load_file(resumed / part / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _comparable(read_metrics(straight)) == _comparable(read_metrics(resumed))
+    assert list_checkpoints(resumed) == [3, 4]
