@@ -1,6 +1,7 @@
-"""SFT and reward training under ZeRO-2 and ZeRO-3 on one GPU, on a randomly initialised GPT-2 (12 x 768) built
-here, printing one JSON line: per run the exit status, the wall time and the final losses (the reward runs start
-from the SFT output of the same ZeRO stage)."""
+"""SFT, reward and PPO training under ZeRO-2 and ZeRO-3 on one GPU, on a randomly initialised GPT-2 (12 x 768)
+built here, printing one JSON line: per run the exit status, the wall time and the final figures. The reward run
+starts from the SFT output of the same ZeRO stage; PPO uses both, saves a DeepSpeed checkpoint, and a second launch
+resumes from it for two more updates."""
 
 from __future__ import annotations
 
@@ -29,20 +30,31 @@ def build_model(root: Path) -> Path:
     return out
 
 
-def launch(stage: str, zero: str, run_dir: Path, model: str) -> dict:
+STAGE_ARGS = {
+    "sft": ["train.max_steps=20", "train.batch_size=32", "train.micro_batch_size=16"],
+    "reward": ["train.max_steps=20", "train.batch_size=32", "train.micro_batch_size=16"],
+    "ppo": ["model.name_or_path=", "reward_model.name_or_path=", "reward_model.dtype=bfloat16", "upstream_configs={}",
+            "rollout.batch_size=32", "rollout.max_new_tokens=32", "rollout.micro_batch_size=32",
+            "ppo.num_minibatches=2", "ppo.micro_batch_size=8", "eval.num_prompts=64", "eval.gold_judge=false",
+            "checkpoint.save_every=2"],
+}
+REPORTED = ("train/loss", "eval/loss", "eval/accuracy", "final/score_mean", "final/kl", "rollout/kl",
+            "ppo/policy_loss", "ppo/value_loss", "time/rollout_s", "time/train_s", "perf/tokens_per_s")
+
+
+def launch(stage: str, zero: str, run_dir: Path, model: str, *extra: str) -> dict:
     cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{zero}.yaml"),
            "--num_processes", "1", str(REPO / "launch" / f"{stage}.py"), f"run_dir={run_dir}",
-           f"model.name_or_path={model}", "model.dtype=bfloat16", "train.max_steps=20", "train.batch_size=32",
-           "train.micro_batch_size=16", "logging.log_every=5"]
+           f"model.name_or_path={model}", "model.dtype=bfloat16", "logging.log_every=5", *STAGE_ARGS[stage], *extra]
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     result = {"rc": done.returncode, "wall_s": round(time.perf_counter() - started, 1)}
     manifest = run_dir / stage / "manifest.json"
     if manifest.is_file():
         metrics = json.loads(manifest.read_text())["metrics"]
-        result.update({k: metrics[k] for k in ("train/loss", "eval/loss", "eval/accuracy") if k in metrics})
-    else:
-        result["stderr_tail"] = done.stderr[-800:]
+        result.update({k: metrics[k] for k in REPORTED if k in metrics})
+    if done.returncode != 0:
+        result["stderr_tail"] = done.stderr[-1500:]
     return result
 
 
@@ -60,6 +72,9 @@ def main() -> None:
             sft_out = run_dir / "sft"
             source = str(sft_out) if (sft_out / "manifest.json").is_file() else str(model)
             report[f"reward_{zero}"] = launch("reward", zero, run_dir, source)
+            report[f"ppo_{zero}"] = launch("ppo", zero, run_dir, "", "ppo.num_updates=4")
+            report[f"ppo_resume_{zero}"] = launch("ppo", zero, run_dir, "", "ppo.num_updates=6",
+                                                  "checkpoint.resume=true")
     report["ok"] = all(v.get("rc") == 0 for k, v in report.items() if isinstance(v, dict))
     print(json.dumps(report, sort_keys=True))
     sys.exit(0 if report["ok"] else 1)

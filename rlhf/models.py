@@ -226,8 +226,10 @@ def save_model(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path, p
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under DeepSpeed ZeRO-3 a partitioned parameter is empty here; ds_numel is its full size.
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 

@@ -15,7 +15,6 @@ minibatches, (6) log, evaluate and checkpoint. See rlhf/ppo/ for the math.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -335,7 +334,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             StopRequest() as stop:
         # 2. Models: policy (+ reference), reward model, critic.
         policy = load_causal_lm(policy_cfg)
-        reference = None if is_lora(cfg) else frozen(copy.deepcopy(policy))
+        # Loaded, not deep-copied: under ZeRO-3 the policy's parameters are already partitioned at load time.
+        reference = None if is_lora(cfg) else frozen(load_causal_lm(policy_cfg))
         reward_model = frozen(load_sequence_scorer(reward_cfg, pad_token_id=reward_tokenizer.pad_token_id))
         scorer = RewardScorer(reward_model, reward_tokenizer, policy_contract=contract,
                               is_encoder=reward_is_encoder, batch_size=cfg.rollout.micro_batch_size)
@@ -371,7 +371,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         prompts = PromptStream(cfg.seed, len(train_prompts.prompts))
         start_update = 0
         if resume_from is not None:
-            start_update, score_stats = restore(resume_from, unwrapped, optimizer, scheduler, kl_ctl, state)
+            start_update, score_stats = restore(accelerator, model, resume_from, unwrapped, optimizer, scheduler,
+                                                kl_ctl)
             logger.info("ppo: resumed from %s (update %d)", resume_from, start_update)
 
         def run_eval(update: int) -> dict[str, float]:
@@ -541,7 +542,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             stopping = stop.agreed(device)
             if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or \
                     (stopping and step < cfg.ppo.num_updates):
-                save_checkpoint(accelerator, stage.output_dir, step, unwrapped, optimizer, scheduler, kl_ctl,
+                save_checkpoint(accelerator, model, stage.output_dir, step, unwrapped, optimizer, scheduler, kl_ctl,
                                 score_stats, keep_last=cfg.checkpoint.keep_last)
             if stopping and step < cfg.ppo.num_updates:
                 raise StageInterrupted(f"ppo stopped by a signal after update {step}; a checkpoint was saved. Rerun "
@@ -556,12 +557,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         summary.update({"time/rollout_s": times["rollout_s"], "time/train_s": times["train_s"],
                         "perf/tokens_per_s": times["tokens"] / max(times["rollout_s"] + times["train_s"], 1e-9),
                         "trainable_parameters": trainable, "updates": cfg.ppo.num_updates})
-        state_dict = accelerator.get_state_dict(model)
-        saved = None
+        saved = save_outputs(accelerator, model, unwrapped, cfg, tokenizer, stage.output_dir)
         if state.is_main_process:
-            unwrapped.load_state_dict(state_dict)
-            saved = save_model(unwrapped.policy, tokenizer, stage.output_dir / "policy", cfg.peft)
-            save_model(unwrapped.critic, tokenizer, stage.output_dir / "value", cfg.critic_peft)
             if score_stats is not None:
                 write_json_atomic(stage.output_dir / REWARD_STATS_FILE, score_stats)
         state.wait_for_everyone()
@@ -571,6 +568,36 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                               "reference": "adapters disabled" if reference is None else "copy",
                                               "policy_saved_as": saved, "score_norm": score_stats,
                                               "kl_coef_final": kl_ctl.value})
+
+
+def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cfg: PPOConfig, tokenizer: Any,
+                 output_dir: Path) -> str | None:
+    """policy/ (merged when LoRA) and value/ with the tokenizer. Under ZeRO-3 the weights are partitioned: they are
+    gathered into one state dict and saved from it (LoRA then as an adapter, which AutoModelForCausalLM loads with
+    its base). Returns how the policy was saved ("model" or "adapter") on the main process."""
+    from accelerate.utils import DistributedType
+
+    zero3 = (accelerator.distributed_type == DistributedType.DEEPSPEED
+             and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    if not zero3:
+        if not accelerator.is_main_process:
+            return None
+        saved = save_model(unwrapped.policy, tokenizer, output_dir / "policy", cfg.peft)
+        save_model(unwrapped.critic, tokenizer, output_dir / "value", cfg.critic_peft)
+        return saved
+    from peft import PeftModel
+
+    state_dict = accelerator.get_state_dict(prepared)  # a collective: every process takes part
+    if not accelerator.is_main_process:
+        return None
+    saved = "model"
+    for name, module, folder in (("policy", unwrapped.policy, "policy"), ("critic", unwrapped.critic, "value")):
+        part = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+        module.save_pretrained(output_dir / folder, state_dict=part, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir / folder)
+        if name == "policy" and isinstance(module, PeftModel):
+            saved = "adapter"
+    return saved
 
 
 def final_scores(raw_scores: torch.Tensor, stopped: torch.Tensor, stats: dict[str, float] | None, *,
@@ -614,30 +641,35 @@ def log_samples(tracker: Any, contract: TextContract, prompts: EvalPrompts, prom
     tracker.log_table("rollout_samples", ["prompt", "response", "score", "stopped"], rows, step=step)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, step: int, unwrapped: PolicyAndCritic, optimizer: Any,
-                    scheduler: Any, kl_ctl: Any, score_stats: dict[str, float] | None, *, keep_last: int) -> Path:
-    """checkpoints/step_<N>/: weights, optimiser, scheduler, RNG, KL controller and counters; checkpoint.json last,
-    so a checkpoint cut short is never taken for a complete one."""
+def is_deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise CheckpointError("intermediate PPO checkpoints are not supported under DeepSpeed yet; set "
-                              "checkpoint.save_every=0")
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int, unwrapped: PolicyAndCritic,
+                    optimizer: Any, scheduler: Any, kl_ctl: Any, score_stats: dict[str, float] | None, *,
+                    keep_last: int) -> Path:
+    """checkpoints/step_<N>/: weights and optimiser, scheduler, RNG, KL controller and counters; checkpoint.json last,
+    so a checkpoint cut short is never taken for a complete one. Our state is safetensors + JSON; under DeepSpeed
+    the weights and the sharded optimiser go through the engine's own checkpoint (deepspeed/, one shard per
+    process)."""
     directory = checkpoint_dir(output_dir, step)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "checkpoint.json").unlink(missing_ok=True)
-        weights = {k: v for k, v in unwrapped.state_dict().items()}
-        save_state(directory, MODEL_STATE, weights)
+    accelerator.wait_for_everyone()
+    if is_deepspeed(accelerator):
+        prepared.save_checkpoint(str(directory / "deepspeed"), tag="state")  # a collective
+    if accelerator.is_main_process:
+        trainer: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng": rng_state(),
+                                   "kl_controller": kl_ctl.state_dict(), "score_stats": score_stats, "update": step}
+        if not is_deepspeed(accelerator):
+            save_state(directory, MODEL_STATE, dict(unwrapped.state_dict()))
+            trainer["optimizer"] = optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") \
+                else optimizer.state_dict()
         fault_point("checkpoint_write", step)
-        save_state(directory, TRAINER_STATE, {
-            "optimizer": optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "kl_controller": kl_ctl.state_dict(),
-            "score_stats": score_stats,
-            "update": step,
-        })
+        save_state(directory, TRAINER_STATE, trainer)
         write_json_atomic(directory / "checkpoint.json", {"step": step, "update": step, "complete": True})
         prune_checkpoints(output_dir, keep_last)
         logger.info("ppo: checkpoint %s", directory)
@@ -646,16 +678,18 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, unwrapped: Po
     return directory
 
 
-def restore(directory: Path, unwrapped: PolicyAndCritic, optimizer: Any, scheduler: Any, kl_ctl: Any,
-            state: Any) -> tuple[int, dict[str, float] | None]:
-    weights = load_state(directory, MODEL_STATE)
-    unwrapped.load_state_dict(weights)
+def restore(accelerator: Any, prepared: Any, directory: Path, unwrapped: PolicyAndCritic, optimizer: Any,
+            scheduler: Any, kl_ctl: Any) -> tuple[int, dict[str, float] | None]:
     trainer = load_state(directory, TRAINER_STATE)
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    inner.load_state_dict(trainer["optimizer"])
+    if is_deepspeed(accelerator):
+        prepared.load_checkpoint(str(directory / "deepspeed"), tag="state")
+    else:
+        unwrapped.load_state_dict(load_state(directory, MODEL_STATE))
+        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        inner.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     kl_ctl.load_state_dict(trainer["kl_controller"])
-    if state.is_main_process:
+    if accelerator.is_main_process:
         set_rng_state(trainer["rng"])
     return int(trainer["update"]), trainer["score_stats"]
 

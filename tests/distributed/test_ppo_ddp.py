@@ -1,0 +1,68 @@
+"""PPO on two CPU processes (torchrun, gloo): each sample's random stream is keyed by its global index, the batch
+statistics and token counts are all-reduced and the losses are token sums over the global count, so two processes
+produce the rollouts, losses and weights of one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import PPOConfig, load_config
+from rlhf.launcher import REPO_ROOT
+from rlhf.tracking import read_metrics, read_samples
+from stages import ppo
+
+pytestmark = pytest.mark.distributed
+
+
+def _overrides(root, name, sft, rm, prompts, eval_prompts):
+    return [f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
+            f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8",
+            "rollout.max_new_tokens=8", "rollout.score_norm=first_rollout", "ppo.num_updates=1", "ppo.ppo_epochs=2",
+            "ppo.num_minibatches=1", "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false",
+            "optim.lr_scheduler=constant", "samples_every=1",
+            # Adam's first step is lr * g / (|g| + eps): with a small eps it is lr * sign(g), and float noise in
+            # near-zero gradients flips signs; with eps = 1 the step is proportional to the gradient.
+            "optim.learning_rate=0.1", "optim.adam_epsilon=1.0"]
+
+
+def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path):
+    from test_ppo import save_reward_model
+
+    tokenizer = plain_tokenizer()
+    sft = save_tiny_causal_lm(tmp_path / "sft", tokenizer)
+    rm = save_reward_model(tmp_path / "reward", sft, tokenizer)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", demo_rows("prompts.jsonl", 80))
+    eval_prompts = write_jsonl(tmp_path / "eval.jsonl", demo_rows("eval_prompts.jsonl", 12))
+    args = (sft, rm, prompts, eval_prompts)
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(REPO_ROOT / "launch" / "ppo.py"), *_overrides(tmp_path, "two", *args)]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two" / "ppo"
+    assert read_manifest(two)["num_processes"] == 2
+
+    one = ppo.run(load_config(PPOConfig, None, _overrides(tmp_path, "one", *args)))
+    row_one, row_two = ([r for r in read_metrics(d) if "rollout/kl" in r][0] for d in (one, two))
+    # Same rollouts: the batch statistics match and rank 0's samples are the first half of one process's.
+    for key in ("rollout/score_mean", "rollout/kl", "rollout/response_len", "rollout/eos_rate",
+                "ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/approx_kl"):
+        assert row_two[key] == pytest.approx(row_one[key], abs=1e-4), key
+    samples_one = [s["response"] for s in read_samples(one) if s["table"] == "rollout_samples"]
+    samples_two = [s["response"] for s in read_samples(two) if s["table"] == "rollout_samples"]
+    assert samples_two == samples_one[: len(samples_two)] and len(samples_two) == 4
+    # The held-out evaluation splits its prompts across ranks and gathers every record.
+    assert read_manifest(two)["metrics"]["final/num_prompts"] == 8
+    for part in ("policy", "value"):
+        a, b = load_file(one / part / "model.safetensors"), load_file(two / part / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
