@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared check for a GPU machine (<= 8 minutes): SFT and reward training under DeepSpeed ZeRO-2 and
+# The one prepared check for a GPU machine (<= 9 minutes): SFT and reward training under DeepSpeed ZeRO-2 and
 # ZeRO-3 through accelerate, on randomly initialised models, printing one JSON line.
 #
 # The GPU machine has torch, transformers, peft and accelerate but no network: the packages it lacks travel as
@@ -13,4 +13,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec timeout 480 python3 benchmarks/gpu_check.py "$@"
+exec timeout 540 python3 benchmarks/gpu_check.py "$@"

@@ -165,7 +165,9 @@ class StageConfig:
     full_determinism: bool = option(
         False, doc="Deterministic kernels everywhere (slower); seeds alone already fix the data order.", semantic=False
     )
-    threads: int | None = option(None, doc="torch intra-op threads; None keeps torch's default.", semantic=False, ge=1)
+    threads: int | None = option(
+        None, doc="torch intra-op threads; None: on CPU the cores divided by this machine's processes, on GPU torch's "
+                  "default.", semantic=False, ge=1)
     logging: LoggingConfig = section(LoggingConfig, "Trackers and log level.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Intermediate checkpoints and resuming.")
 

@@ -58,9 +58,21 @@ def distributed_state() -> Any:
     return PartialState(cpu=cpu)
 
 
+def default_threads(cpu_count: int, local_processes: int) -> int:
+    """torch threads per process when the config leaves them open: the cores shared by this machine's processes."""
+    return max(1, cpu_count // max(1, local_processes))
+
+
 def configure_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """Set torch's intra-op threads. ``None`` on a CPU run means the available cores divided by the processes on
+    this machine: `accelerate launch` without a config exports OMP_NUM_THREADS=1, which would leave a single-process
+    CPU run (the demo) on one core."""
+    if threads is None:
+        if torch.cuda.is_available():
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = default_threads(cores, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
 
 
 class StageRun:

@@ -1,4 +1,4 @@
-"""The README's main command, end to end, as a user runs it (slow)."""
+"""The README's main command, end to end, as a user runs it, and the negative control on its outputs (slow)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,69 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
 from rlhf.checkpoint import read_manifest
+from rlhf.config import PPOConfig, load_config
 from rlhf.launcher import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-MAIN_COMMAND = "accelerate launch launch/sft.py && accelerate launch launch/reward.py"
+MAIN_COMMAND = "accelerate launch launch/ppo.py"
 
 
-def test_readme_main_command_runs_the_demo(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
     readme = (REPO_ROOT / "README.md").read_text()
     assert MAIN_COMMAND in readme  # the test runs what the README tells users to run
     # The same launchers and demo configs, in a copy of the checkout so runs/ of the user's tree stays untouched.
-    work = tmp_path / "checkout"
-    shutil.copytree(REPO_ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__"))
+    work = tmp_path_factory.mktemp("demo") / "checkout"
+    shutil.copytree(REPO_ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "__pycache__", "build",
+                                                                   ".whl"))
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    started = time.perf_counter()
     done = subprocess.run(MAIN_COMMAND, shell=True, cwd=work, env=env, capture_output=True, text=True,
                           timeout=1800)
+    wall_s = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
-    sft = read_manifest(work / "runs" / "demo" / "sft")
-    reward = read_manifest(work / "runs" / "demo" / "reward")
+    sys.stderr.write(f"main command: {wall_s:.0f} s\n{done.stdout[-1500:]}\n")
+    return work / "runs" / "demo", done.stdout
+
+
+def test_main_command_builds_every_stage_and_ppo_beats_the_sft_policy(demo_run):
+    run_dir, stdout = demo_run
+    sft = read_manifest(run_dir / "sft")
+    reward = read_manifest(run_dir / "reward")
+    ppo = read_manifest(run_dir / "ppo")
     assert sft["metrics"]["eval/loss"] < 1.7
     assert reward["metrics"]["eval/accuracy"] > 0.65  # noisy labels: the annotator errs on ~15% of pairs
+    assert "built first: sft, reward" in stdout and "gold_combined" in stdout
+    m = ppo["metrics"]
+    # Held-out prompts at the training temperature, before (the SFT policy) and after PPO.
+    assert m["final/num_prompts"] >= 500
+    assert m["final/gold_positive"] >= 0.9
+    assert m["final/gold_combined"] >= m["initial/gold_combined"] + 0.15
+    assert m["final/gold_grammatical"] >= m["initial/gold_grammatical"] - 0.02
+    assert m["final/eos_rate"] >= m["initial/eos_rate"] - 0.02
+    assert m["final/score_mean"] > m["initial/score_mean"]
+    assert m["final/kl"] > 0
+
+
+def test_without_the_kl_penalty_the_reward_model_is_hacked(demo_run):
+    """Negative control: the proxy can be exploited, and the default KL penalty is what stops it."""
+    from stages import ppo as ppo_stage
+
+    run_dir, _ = demo_run
+    default = read_manifest(run_dir / "ppo")["metrics"]
+    cfg = load_config(PPOConfig, REPO_ROOT / "configs" / "ppo" / "demo.yaml", [
+        f"run_dir={run_dir}", f"output_dir={run_dir / 'ppo-no-kl'}", "ppo.kl_coef=0",
+        f"ppo.num_updates={3 * load_config(PPOConfig, REPO_ROOT / 'configs' / 'ppo' / 'demo.yaml').ppo.num_updates}",
+    ])
+    hacked = read_manifest(ppo_stage.run(cfg))["metrics"]
+    assert hacked["final/score_mean"] > default["final/score_mean"]  # the reward model likes it more...
+    # ...while the gold judge likes it less: grammar collapses and the combined score drops below the default's.
+    assert hacked["final/gold_grammatical"] < default["final/gold_grammatical"] - 0.1
+    assert hacked["final/gold_combined"] < default["final/gold_combined"]

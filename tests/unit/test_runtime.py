@@ -59,3 +59,31 @@ def test_failed_stage_run_leaves_no_manifest(tmp_path):
         with StageRun(cfg):
             raise RuntimeError("killed half-way")
     assert read_manifest(tmp_path / "toy") is None  # the rerun's failure does not leave the old manifest standing
+
+
+def test_default_threads_share_the_cores_among_local_processes():
+    from rlhf.runtime import default_threads
+
+    assert default_threads(2, 1) == 2  # accelerate launch on a laptop: one process, every core
+    assert default_threads(16, 4) == 4
+    assert default_threads(2, 4) == 1
+
+
+def test_configure_threads_uses_every_core_of_a_single_cpu_process(monkeypatch):
+    import os
+
+    import torch
+
+    from rlhf.runtime import configure_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports without a config
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        configure_threads(None)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert torch.get_num_threads() == cores
+        configure_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
