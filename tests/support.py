@@ -115,3 +115,17 @@ def demo_rows(name: str, n: int) -> list[dict]:
 
     with (REPO_ROOT / "data" / "demo" / name).open() as handle:
         return [json.loads(next(handle)) for _ in range(n)]
+
+
+def save_reward_model(path, base, tokenizer, seed=1):
+    """A sequence-classification model on ``base`` with a seeded random head, as a reward stage would save it."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

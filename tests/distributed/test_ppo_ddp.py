@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
+from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import PPOConfig, load_config
-from rlhf.launcher import REPO_ROOT
+from rlhf.launcher import REPO_ROOT, default_config_path
 from rlhf.tracking import read_metrics, read_samples
 from stages import ppo
 
@@ -34,7 +34,6 @@ def _overrides(root, name, sft, rm, prompts, eval_prompts):
 
 
 def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path):
-    from test_ppo import save_reward_model
 
     tokenizer = plain_tokenizer()
     sft = save_tiny_causal_lm(tmp_path / "sft", tokenizer)
@@ -51,7 +50,8 @@ def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path):
     two = tmp_path / "two" / "ppo"
     assert read_manifest(two)["num_processes"] == 2
 
-    one = ppo.run(load_config(PPOConfig, None, _overrides(tmp_path, "one", *args)))
+    # The launcher starts from the demo config; so does the one-process run.
+    one = ppo.run(load_config(PPOConfig, default_config_path("ppo"), _overrides(tmp_path, "one", *args)))
     row_one, row_two = ([r for r in read_metrics(d) if "rollout/kl" in r][0] for d in (one, two))
     # Same rollouts: the batch statistics match and rank 0's samples are the first half of one process's.
     for key in ("rollout/score_mean", "rollout/kl", "rollout/response_len", "rollout/eos_rate",

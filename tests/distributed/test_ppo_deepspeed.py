@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
+from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, write_jsonl
 
 from rlhf.checkpoint import list_checkpoints, read_manifest
 from rlhf.launcher import REPO_ROOT
@@ -21,7 +21,6 @@ pytestmark = pytest.mark.distributed
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_ppo_trains_saves_and_resumes_under_deepspeed(tmp_path, zero):
-    from test_ppo import save_reward_model
     from transformers import AutoModelForCausalLM
 
     tokenizer = plain_tokenizer()

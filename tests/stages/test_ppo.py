@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, train_tokenizer, write_jsonl
+from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, train_tokenizer, write_jsonl
 
 from rlhf.checkpoint import list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, load_config
@@ -21,20 +21,6 @@ from stages import ppo
 METRIC_NAMES = ("rollout/score_mean", "rollout/kl", "rollout/response_len", "rollout/eos_rate", "ppo/policy_loss",
                 "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/explained_var",
                 "ppo/kl_coef", "time/rollout_s", "time/train_s", "perf/tokens_per_s")
-
-
-def save_reward_model(path, base, tokenizer, seed=1):
-    """A sequence-classification model on ``base`` with a seeded random head, as a reward stage would save it."""
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
