@@ -69,3 +69,44 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, stage):
     last = {name: [r for r in read_metrics(d / "metrics.jsonl") if r.get("step") == 40 and "train/loss" in r][-1]
             for name, d in (("resumed", resumed), ("straight", straight))}
     assert last["resumed"]["train/loss"] == pytest.approx(last["straight"]["train/loss"], abs=1e-5)
+
+
+def test_sigterm_during_ppo_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+    from support import save_reward_model
+
+    from rlhf.checkpoint import list_checkpoints
+    from rlhf.config import PPOConfig
+    from stages import ppo
+
+    tokenizer = plain_tokenizer()
+    model = save_tiny_causal_lm(tmp_path / "sft", tokenizer)
+    rm = save_reward_model(tmp_path / "reward", model, tokenizer)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", demo_rows("prompts.jsonl", 80))
+    eval_prompts = write_jsonl(tmp_path / "eval.jsonl", demo_rows("eval_prompts.jsonl", 12))
+
+    def overrides(name):
+        return [f"run_dir={tmp_path / name}", f"model.name_or_path={model}", f"reward_model.name_or_path={rm}",
+                f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8",
+                "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=60", "ppo.ppo_epochs=1",
+                "ppo.num_minibatches=1", "ppo.micro_batch_size=8", "eval.num_prompts=4", "eval.gold_judge=false"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "ppo.py"), *overrides("cut")], env=env,
+                            cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    out = tmp_path / "cut" / "ppo"
+    _wait_for_step(out / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-2000:]
+    assert "interrupted:" in stderr and "checkpoint.resume=true" in stderr and "Traceback" not in stderr
+    assert read_manifest(out) is None
+    (stopped_at,) = list_checkpoints(out)
+    assert 3 <= stopped_at < 60
+
+    default = REPO_ROOT / "configs" / "ppo" / "demo.yaml"  # what the launcher started from
+    resumed = ppo.run(load_config(PPOConfig, default, [*overrides("cut"), "checkpoint.resume=true"]))
+    straight = ppo.run(load_config(PPOConfig, default, overrides("straight")))
+    for part in ("policy", "value"):
+        a, b = (load_file(d / part / "model.safetensors") for d in (resumed, straight))
+        assert all(a[k].equal(b[k]) for k in a)
