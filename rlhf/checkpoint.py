@@ -30,6 +30,10 @@ SAMPLES_FILE = "samples.jsonl"
 PIPELINE_FILE = "pipeline.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "checkpoint.json"
+REPORT_DIR = "report"
+REPORT_PLOT_FILE = "reward_curves.png"
+REPORT_HTML_FILE = "report.html"
+EVAL_RESULTS_FILE = "eval.json"
 MANIFEST_VERSION = 1
 
 _TRACKED_LIBRARIES = ("rlhf", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "tokenizers")
@@ -64,6 +68,24 @@ def samples_path(output_dir: str | Path) -> Path:
 
 def pipeline_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / PIPELINE_FILE
+
+
+def report_dir(run_dir: str | Path) -> Path:
+    """``<run_dir>/report``: where ``rlhf report`` writes the run's plots and HTML page."""
+    return Path(run_dir) / REPORT_DIR
+
+
+def report_plot_path(run_dir: str | Path) -> Path:
+    return report_dir(run_dir) / REPORT_PLOT_FILE
+
+
+def report_html_path(run_dir: str | Path) -> Path:
+    return report_dir(run_dir) / REPORT_HTML_FILE
+
+
+def eval_results_path(run_dir: str | Path) -> Path:
+    """``<run_dir>/evaluate/eval.json``: the results the evaluate stage writes into its output directory."""
+    return stage_output_dir(run_dir, "evaluate") / EVAL_RESULTS_FILE
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

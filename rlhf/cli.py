@@ -1,6 +1,10 @@
 """The ``rlhf`` command.
 
     rlhf validate-data FILE --format sft|preference|prompt|text   list every problem in a dataset file
+    rlhf report RUN_DIR                                           plot a run's curves and write its HTML report
+    rlhf status RUN_DIR                                           each stage's state, fingerprint and key metrics
+
+Errors the user can fix (``RLHFError``) print one ``error: ...`` line and exit with status 2, as the launchers do.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ USAGE = """usage: rlhf COMMAND [ARGS]
 commands:
   validate-data FILE --format sft|preference|prompt|text
                    check every row of a dataset as the stages would; exits 1 when it finds a problem
+  report RUN_DIR   write RUN_DIR/report/reward_curves.png and RUN_DIR/report/report.html from the stages' outputs
+  status RUN_DIR   each stage: complete / stale / incomplete / missing, fingerprint, when, key metrics
 """
 
 
@@ -26,6 +32,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlhf.data import validate_data_main
 
         return validate_data_main(rest)
+    if command == "report":
+        from rlhf.errors import RLHFError
+        from rlhf.launcher import EXIT_USER_ERROR
+        from rlhf.report import report_main
+
+        try:
+            return report_main(rest)
+        except RLHFError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_USER_ERROR
+    if command == "status":
+        from rlhf.errors import RLHFError
+        from rlhf.launcher import EXIT_USER_ERROR
+        from rlhf.pipeline import format_status, run_status
+
+        if len(rest) != 1:
+            sys.stderr.write("usage: rlhf status RUN_DIR\n")
+            return EXIT_USER_ERROR
+        try:
+            sys.stdout.write(format_status(run_status(rest[0])) + "\n")
+        except RLHFError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_USER_ERROR
+        return 0
     sys.stderr.write(f"rlhf: unknown command {command!r}\n{USAGE}")
     return 2
 

@@ -772,3 +772,51 @@ class PPOConfig(StageConfig):
     def input_paths(self) -> dict[str, str]:
         return {"model": self.policy_path, "tokenizer": self.model.tokenizer_name_or_path or "",
                 "reward_model": self.reward_path, "data": self.data.path, "eval_data": self.data.eval_path or ""}
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    """Held-out comparison of the SFT policy and the PPO policy: reward-model and gold scores, win rates, KL."""
+
+    stage: typing.ClassVar[str] = "evaluate"
+
+    sft_model: ModelConfig = section(lambda: ModelConfig(name_or_path=""),
+                                     "The SFT policy (also the reference for the KL): empty means this run's SFT output.")
+    ppo_model: ModelConfig = section(lambda: ModelConfig(name_or_path=""),
+                                     "The PPO policy: empty means this run's ppo/policy.")
+    reward_model: ModelConfig = section(lambda: ModelConfig(name_or_path=""),
+                                        "The reward model: empty means this run's reward output.")
+    data: DataConfig = section(
+        lambda: DataConfig(path="data/demo/eval_prompts.jsonl", eval_fraction=0.0),
+        "Held-out prompts (rows with a prompt, messages, or preference pairs whose prompts are used).",
+    )
+    num_prompts: int = option(512, doc="Prompts evaluated (the first ones of data.path).", ge=1)
+    max_prompt_len: int | None = option(None, doc="Keep the last N prompt tokens; None: as PPO was trained.", ge=1)
+    max_new_tokens: int | None = option(None, doc="Longest response; None: as PPO was trained.", ge=1)
+    temperature: float | None = option(None, doc="Sampling temperature; None: as PPO was trained.", ge=0)
+    top_k: int | None = option(None, doc="Top-k sampling; None: as PPO was trained.", ge=0)
+    top_p: float | None = option(None, doc="Nucleus sampling; None: as PPO was trained.", gt=0, le=1)
+    gold_judge: bool = option(True, doc="Also score with the demo's gold judge (plain-text demo prompts only).")
+    batch_size: int = option(64, doc="Prompts per generation pass.", ge=1, semantic=False)
+    samples: int = option(32, doc="Rows of the (prompt, SFT response, PPO response) sample table.", ge=0,
+                          semantic=False)
+
+    @property
+    def sft_path(self) -> str:
+        return self.sft_model.name_or_path or str(Path(self.run_dir) / "sft")
+
+    @property
+    def ppo_run_path(self) -> str:
+        """The PPO stage output whose training settings are the defaults (only when ppo_model is empty)."""
+        return str(Path(self.run_dir) / "ppo")
+
+    @property
+    def ppo_path(self) -> str:
+        return self.ppo_model.name_or_path or str(Path(self.ppo_run_path) / "policy")
+
+    @property
+    def reward_path(self) -> str:
+        return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
+
+    def input_paths(self) -> dict[str, str]:
+        return {"sft": self.sft_path, "ppo": self.ppo_path, "reward_model": self.reward_path, "data": self.data.path}

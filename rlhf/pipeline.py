@@ -226,3 +226,58 @@ def load_stage_config(spec: StageSpec, run_dir: str | None = None) -> Any:
     if run_dir is not None:
         overrides.insert(0, f"run_dir={run_dir}")
     return load_config(config_cls, spec.config, overrides)
+
+
+#: Final metrics shown by ``rlhf status``, per stage.
+STATUS_METRICS = {
+    "pretrain": ("eval/loss",),
+    "sft": ("eval/loss", "eval/perplexity"),
+    "reward": ("eval/accuracy", "eval/margin"),
+    "ppo": ("final/score_mean", "final/kl", "final/gold_combined", "final/gold_positive"),
+    "evaluate": ("eval/win_rate_reward_model", "eval/win_rate_gold", "eval/kl_ppo_to_reference"),
+}
+
+
+def run_status(run_dir: str | Path) -> list[dict[str, Any]]:
+    """State, fingerprint, date and key metrics of each standard stage of a run directory.
+
+    A stage's expected fingerprint comes from the config it last ran with (its ``config.yaml``) and the current
+    fingerprints of its inputs, upstream outputs first: so a stage whose upstream was rerun since, or whose data file
+    changed, is stale. Stages without an output directory are missing.
+    """
+    from rlhf.checkpoint import config_path, stage_output_dir
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a run directory (it does not exist)")
+    names = [n for n in STANDARD_STAGES if n != "pretrain" or stage_output_dir(run, n).exists()]
+    graph = standard_graph(names) if "pretrain" not in names else StageGraph.from_specs(
+        [StageSpec(n, STANDARD_STAGES[n][0], tuple(d for d in STANDARD_STAGES[n][1] if d in names)) for n in names])
+    configs = {}
+    for name in names:
+        _, config_cls = resolve_target(STANDARD_STAGES[name][0])
+        saved = config_path(stage_output_dir(run, name))
+        # The run directory may have moved since (its config says where it was): read it where it is now.
+        configs[name] = load_config(config_cls, saved if saved.is_file() else None,
+                                    [f"run_dir={run}", "output_dir=null"])
+    try:
+        states = {k: v.value for k, v in graph.states(configs).items()}
+    except (OSError, ConfigError) as exc:  # an input that cannot be read from here: report, do not guess
+        states = {name: f"unknown ({exc})" for name in names}
+    rows = []
+    for name in names:
+        manifest = read_manifest(stage_output_dir(run, name)) or {}
+        metrics = manifest.get("metrics", {})
+        rows.append({"stage": name, "state": states[name], "fingerprint": manifest.get("fingerprint", ""),
+                     "created_at": manifest.get("created_at", ""),
+                     "metrics": {k: metrics[k] for k in STATUS_METRICS[name] if k in metrics}})
+    return rows
+
+
+def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = [f"{'stage':<10}{'state':<12}{'fingerprint':<18}{'finished':<22}metrics"]
+    for row in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["metrics"].items())
+        lines.append(f"{row['stage']:<10}{row['state']:<12}{row['fingerprint'][:16]:<18}{row['created_at']:<22}"
+                     f"{metrics}")
+    return "\n".join(lines)

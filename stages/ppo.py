@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -27,7 +28,6 @@ import torch
 from rlhf.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
-    list_checkpoints,
     output_dir_of,
     prune_checkpoints,
     read_json,
@@ -354,6 +354,9 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         reference = prepare_frozen(accelerator, reference) if reference is not None else None
         scorer.model = prepare_frozen(accelerator, reward_model)
         unwrapped = accelerator.unwrap_model(model)
+        # The models, tokenizers and prompts live for the whole run: keep the cyclic collector off them.
+        gc.collect()
+        gc.freeze()
         logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
                     "parameters train; critic from the %s model; reference: %s", state.num_processes, local_batch,
                     minibatch, micro_per_minibatch, trainable, total, critic_source,
@@ -694,9 +697,6 @@ def restore(accelerator: Any, prepared: Any, directory: Path, unwrapped: PolicyA
     return int(trainer["update"]), trainer["score_stats"]
 
 
-__all__ = ["Config", "run", "list_checkpoints"]
-
-
 def build_missing_upstream(cfg: PPOConfig) -> list[str]:
     """Build this run's SFT and reward outputs when PPO needs them and they are missing or incomplete, with the
     configs of ``upstream_configs`` (run_dir set to this run's). Several processes cannot safely run them in one
@@ -742,8 +742,12 @@ def run_with_upstream(cfg: PPOConfig) -> Path:
     if distributed_state().is_main_process:
         from rlhf.checkpoint import read_manifest
 
+        from rlhf.report import write_report
+
         metrics = (read_manifest(output_dir) or {}).get("metrics", {})
         print(summary_table(metrics, built))
+        plot, page = write_report(cfg.run_dir)
+        print(f"report: {page} (curves: {plot})")
     return output_dir
 
 

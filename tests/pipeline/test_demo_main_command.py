@@ -46,6 +46,7 @@ def test_main_command_builds_every_stage_and_ppo_beats_the_sft_policy(demo_run):
     assert sft["metrics"]["eval/loss"] < 1.7
     assert reward["metrics"]["eval/accuracy"] > 0.65  # noisy labels: the annotator errs on ~15% of pairs
     assert "built first: sft, reward" in stdout and "gold_combined" in stdout
+    assert (run_dir / "report" / "report.html").is_file() and (run_dir / "report" / "reward_curves.png").is_file()
     m = ppo["metrics"]
     # Held-out prompts at the training temperature, before (the SFT policy) and after PPO.
     assert m["final/num_prompts"] >= 500

@@ -216,3 +216,37 @@ def test_resume_after_a_fault_matches_an_uninterrupted_run_bitwise(setup, monkey
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _comparable(read_metrics(straight)) == _comparable(read_metrics(resumed))
     assert list_checkpoints(resumed) == [3, 4]
+
+
+def test_bfloat16_models_keep_logprobs_values_and_advantages_in_float32(setup):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf.ppo.rollout import policy_forward, token_values
+
+    _, sft, rm, _, _ = setup
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    policy = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.bfloat16)
+    logprobs, entropy = policy_forward(policy, ids, mask, 3, temperature=0.7, with_entropy=True)
+    critic = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.bfloat16)
+    assert logprobs.dtype == entropy.dtype == token_values(critic, ids, mask, 3).dtype == torch.float32
+
+    seen = {}
+    out = ppo.run(_cfg(setup, "bf16", "model.dtype=bfloat16", "reward_model.dtype=bfloat16"),
+                  on_update=lambda i, m: seen.__setitem__(i, next(m.trained.policy.parameters()).dtype))
+    assert seen[0] == torch.bfloat16
+    row = [r for r in read_metrics(out) if "rollout/kl" in r][0]
+    assert all(torch.isfinite(torch.tensor(float(row[k]))) for k in METRIC_NAMES)
+    assert row["rollout/kl"] == 0.0  # policy and reference are the same bf16 weights before the first update
+
+
+def test_missing_upstream_with_several_processes_names_the_command(setup, monkeypatch):
+    from types import SimpleNamespace
+
+    from rlhf.errors import CheckpointError
+
+    root = setup[0]
+    cfg = load_config(PPOConfig, None, [f"run_dir={root / 'fresh'}"])
+    monkeypatch.setattr(ppo, "distributed_state", lambda: SimpleNamespace(num_processes=2, is_main_process=True))
+    with pytest.raises(CheckpointError, match=r"accelerate launch launch/sft.py run_dir=.*fresh"):
+        ppo.build_missing_upstream(cfg)

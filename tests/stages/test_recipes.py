@@ -54,3 +54,31 @@ def test_reward_recipe_two_steps(tiny_qwen):
     manifest = read_manifest(out)
     assert manifest["metrics"]["train/steps"] == 2
     assert manifest["data"]["format"] == "implicit_preference"
+
+
+def test_ppo_recipe_two_updates(tiny_qwen, tmp_path):
+    from support import save_reward_model
+
+    from rlhf.config import PPOConfig
+    from stages import ppo
+
+    root, model = tiny_qwen
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(model)
+    rm = save_reward_model(tmp_path / "rm", model, tokenizer)
+    rows = [{"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",
+             "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}"}
+            for r in demo_rows("preferences.jsonl", 80)]
+    data = write_jsonl(root / "hh-prompts.jsonl", rows)
+    # Only locations, sizes and precision change; LoRA targets, the critic's source and the batch arithmetic
+    # (4 minibatches of micro-batches) are the recipe's.
+    cfg = load_config(PPOConfig, RECIPE / "ppo.yaml", [
+        f"run_dir={tmp_path}", f"model.name_or_path={model}", f"reward_model.name_or_path={rm}",
+        f"data.path={data}", "data.split=train", "data.eval_split=null", "data.eval_fraction=0.1",
+        "model.dtype=float32", "reward_model.dtype=float32", "logging.report_to=[jsonl]", "rollout.batch_size=16",
+        "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=2", "ppo.micro_batch_size=2",
+        "eval.num_prompts=4", "eval.every=0", "checkpoint.save_every=0"])
+    assert cfg.peft.method == cfg.critic_peft.method == "lora" and cfg.ppo.num_minibatches == 4
+    out = ppo.run(cfg)
+    manifest = read_manifest(out)
+    assert manifest["critic_init"] == "reward" and manifest["reference"] == "adapters disabled"
+    assert (out / "policy" / "model.safetensors").is_file()

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from rlhf.ppo.rollout import left_pad, position_ids, truncate_after_stop
 from rlhf.ppo.sampling import filter_logits, sample_from_logits, sample_seed, sample_uniforms
