@@ -34,6 +34,8 @@ REPORT_DIR = "report"
 REPORT_PLOT_FILE = "reward_curves.png"
 REPORT_HTML_FILE = "report.html"
 EVAL_RESULTS_FILE = "eval.json"
+#: Written by the reward stage next to its weights: the mean and std of its scores, for normalisation downstream.
+REWARD_STATS_FILE = "reward_stats.json"
 MANIFEST_VERSION = 1
 
 _TRACKED_LIBRARIES = ("rlhf", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "tokenizers")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.checkpoint import EVAL_RESULTS_FILE, read_manifest, require_complete, write_json_atomic
-from rlhf.config import EvaluateConfig
+from rlhf.config import EvaluateConfig, RolloutConfig
 from rlhf.data import prepare_dataset
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.models import check_model_source, is_encoder, load_causal_lm, load_sequence_scorer, load_tokenizer
@@ -34,9 +34,10 @@ def training_settings(cfg: EvaluateConfig) -> dict[str, Any]:
     """The PPO stage's rollout settings, which the evaluation uses for every field the config leaves at None."""
     manifest = read_manifest(cfg.ppo_run_path) if not cfg.ppo_model.name_or_path else None
     rollout = (manifest or {}).get("config", {}).get("rollout", {})
-    defaults = {"max_prompt_len": 64, "max_new_tokens": 48, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    return {key: getattr(cfg, key) if getattr(cfg, key) is not None else rollout.get(key, default)
-            for key, default in defaults.items()}
+    defaults = RolloutConfig()
+    keys = ("max_prompt_len", "max_new_tokens", "temperature", "top_k", "top_p")
+    return {key: getattr(cfg, key) if getattr(cfg, key) is not None else rollout.get(key, getattr(defaults, key))
+            for key in keys}
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> float:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rlhf.checkpoint import (
+    REWARD_STATS_FILE,
     checkpoint_dir,
     latest_checkpoint,
     output_dir_of,
@@ -65,10 +66,25 @@ from rlhf.train_state import load_state, rng_state, save_state, set_rng_state
 Config = PPOConfig
 logger = logging.getLogger(__name__)
 
-REWARD_STATS_FILE = "reward_stats.json"
 #: Files of a PPO checkpoint (inside checkpoints/step_<N>/); checkpoint.json is written last.
 MODEL_STATE = "model"  # policy + critic weights, safetensors
 TRAINER_STATE = "trainer"  # optimiser, scheduler, RNG, KL controller, counters: safetensors + JSON
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Any) -> int:
+    """The DeepSpeed ZeRO stage, 0 when DeepSpeed is not in use."""
+    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's wrapper (whose state_dict we store ourselves)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 class PolicyAndCritic(torch.nn.Module):
@@ -132,9 +148,7 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
     """Place a frozen model (reference, reward model) for inference: on the device, or under DeepSpeed ZeRO-3 as an
     inference engine whose weights are sharded like the trained model's."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    if not is_deepspeed(accelerator):
         return model.to(accelerator.device)
     import deepspeed
 
@@ -155,10 +169,7 @@ def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
 @contextlib.contextmanager
 def gathered_for_generation(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
     """Under ZeRO-3, gather the policy's weights once for the whole rollout instead of once per generated token."""
-    from accelerate.utils import DistributedType
-
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is None or plugin.zero_stage != 3:
+    if zero_stage(accelerator) != 3:
         yield
         return
     import deepspeed
@@ -288,7 +299,7 @@ UpdateHook = Callable[[int, PPOModels], None]
 
 def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, gather_object
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     state = distributed_state()
@@ -323,7 +334,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     temperature = cfg.rollout.temperature or 1.0
 
     accelerator = Accelerator(gradient_accumulation_steps=micro_per_minibatch)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if is_deepspeed(accelerator):
         # No dataloader goes through prepare(), so DeepSpeed learns the micro-batch size here.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = minibatch // micro_per_minibatch
@@ -578,11 +589,7 @@ def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cf
     """policy/ (merged when LoRA) and value/ with the tokenizer. Under ZeRO-3 the weights are partitioned: they are
     gathered into one state dict and saved from it (LoRA then as an adapter, which AutoModelForCausalLM loads with
     its base). Returns how the policy was saved ("model" or "adapter") on the main process."""
-    from accelerate.utils import DistributedType
-
-    zero3 = (accelerator.distributed_type == DistributedType.DEEPSPEED
-             and accelerator.state.deepspeed_plugin.zero_stage == 3)
-    if not zero3:
+    if zero_stage(accelerator) != 3:
         if not accelerator.is_main_process:
             return None
         saved = save_model(unwrapped.policy, tokenizer, output_dir / "policy", cfg.peft)
@@ -644,12 +651,6 @@ def log_samples(tracker: Any, contract: TextContract, prompts: EvalPrompts, prom
     tracker.log_table("rollout_samples", ["prompt", "response", "score", "stopped"], rows, step=step)
 
 
-def is_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
 def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int, unwrapped: PolicyAndCritic,
                     optimizer: Any, scheduler: Any, kl_ctl: Any, score_stats: dict[str, float] | None, *,
                     keep_last: int) -> Path:
@@ -669,8 +670,7 @@ def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int
                                    "kl_controller": kl_ctl.state_dict(), "score_stats": score_stats, "update": step}
         if not is_deepspeed(accelerator):
             save_state(directory, MODEL_STATE, dict(unwrapped.state_dict()))
-            trainer["optimizer"] = optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") \
-                else optimizer.state_dict()
+            trainer["optimizer"] = inner_optimizer(optimizer).state_dict()
         fault_point("checkpoint_write", step)
         save_state(directory, TRAINER_STATE, trainer)
         write_json_atomic(directory / "checkpoint.json", {"step": step, "update": step, "complete": True})
@@ -688,8 +688,7 @@ def restore(accelerator: Any, prepared: Any, directory: Path, unwrapped: PolicyA
         prepared.load_checkpoint(str(directory / "deepspeed"), tag="state")
     else:
         unwrapped.load_state_dict(load_state(directory, MODEL_STATE))
-        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        inner.load_state_dict(trainer["optimizer"])
+        inner_optimizer(optimizer).load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     kl_ctl.load_state_dict(trainer["kl_controller"])
     if accelerator.is_main_process:

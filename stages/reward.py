@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from rlhf.checkpoint import require_complete, write_json_atomic
+from rlhf.checkpoint import REWARD_STATS_FILE, require_complete, write_json_atomic
 from rlhf.config import ModelConfig, RewardConfig
 from rlhf.data import prepare_dataset, to_hf_dataset
 from rlhf.models import (
@@ -38,8 +38,6 @@ from rlhf.trl_bridge import train_resumable, trainer_kwargs
 Config = RewardConfig
 logger = logging.getLogger(__name__)
 
-#: Written next to the weights: how to normalise this reward model's scores.
-REWARD_STATS_FILE = "reward_stats.json"
 
 
 def backbone_model_config(cfg: RewardConfig) -> ModelConfig:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
 
-from rlhf.checkpoint import read_manifest
+from rlhf.checkpoint import REWARD_STATS_FILE, read_manifest
 from rlhf.config import PretrainConfig, RewardConfig, load_config
 from rlhf.models import score_sequences
 from rlhf.tracking import read_metrics
@@ -42,7 +42,7 @@ def test_decoder_reward_model_trains_and_records_stats(setup):
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < sum(losses[:3])
     for key in ("eval/accuracy", "eval/margin", "eval/reward_mean", "eval/reward_std"):
         assert key in manifest["metrics"]
-    stats = json.loads((out / reward.REWARD_STATS_FILE).read_text())
+    stats = json.loads((out / REWARD_STATS_FILE).read_text())
     assert stats["std"] > 0 and stats == {**stats, **manifest["reward_stats"]}
     scorer = AutoModelForSequenceClassification.from_pretrained(out)
     assert scorer.config.num_labels == 1
