@@ -230,13 +230,15 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
 def begin_output(output_dir: str | Path, *, resume: bool = False) -> Path:
     """Mark ``output_dir`` as being written: create it and remove any manifest, so that until this run writes its
     own, nothing takes the directory for a complete output (a rerun that dies half-way must not look finished).
-    A fresh run also starts its logs afresh; a resumed one appends to them."""
+    A fresh run also starts its logs afresh and drops the checkpoints of the run it replaces (a later resume must
+    not continue that one); a resumed one appends to them."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path(out).unlink(missing_ok=True)
     if not resume:
         metrics_path(out).unlink(missing_ok=True)
         samples_path(out).unlink(missing_ok=True)
+        shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
     _fsync_dir(out)
     return out
 

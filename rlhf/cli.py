@@ -1,5 +1,7 @@
 """The ``rlhf`` command.
 
+    rlhf run PIPELINE.yaml [--from S|--only S] [--force] [--resume] [--dry-run] [S.key=value ...]
+                                                                  bring a run up to date, stage by stage
     rlhf validate-data FILE --format sft|preference|prompt|text   list every problem in a dataset file
     rlhf report RUN_DIR                                           plot a run's curves and write its HTML report
     rlhf status RUN_DIR                                           each stage's state, fingerprint and key metrics
@@ -15,6 +17,8 @@ from typing import Sequence
 USAGE = """usage: rlhf COMMAND [ARGS]
 
 commands:
+  run PIPELINE.yaml [--from STAGE | --only STAGE] [--force] [--resume] [--dry-run] [STAGE.key=value ...]
+                   run the stages that are not up to date, each as its own accelerate process, then the report
   validate-data FILE --format sft|preference|prompt|text
                    check every row of a dataset as the stages would; exits 1 when it finds a problem
   report RUN_DIR   write RUN_DIR/report/reward_curves.png and RUN_DIR/report/report.html from the stages' outputs
@@ -28,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    if command == "run":
+        from rlhf.pipeline import pipeline_main
+
+        return pipeline_main(rest)
     if command == "validate-data":
         from rlhf.data import validate_data_main
 

@@ -819,4 +819,6 @@ class EvaluateConfig(StageConfig):
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
 
     def input_paths(self) -> dict[str, str]:
-        return {"sft": self.sft_path, "ppo": self.ppo_path, "reward_model": self.reward_path, "data": self.data.path}
+        # This run's PPO output as a whole (its fingerprint names the policy and the training settings read from it).
+        ppo = self.ppo_model.name_or_path or self.ppo_run_path
+        return {"sft": self.sft_path, "ppo": ppo, "reward_model": self.reward_path, "data": self.data.path}

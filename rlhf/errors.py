@@ -21,3 +21,11 @@ class DataError(RLHFError):
 
 class CheckpointError(RLHFError):
     """A stage output or checkpoint directory is missing, incomplete or does not match what is expected."""
+
+
+class StageFailed(RLHFError):
+    """A stage the pipeline launched stopped without a complete output; ``exit_status`` is what it exited with."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

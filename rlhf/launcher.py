@@ -1,5 +1,8 @@
 """The shared body of every ``launch/<stage>.py``: parse the command line, set up logging, run the stage.
 
+``python -m rlhf.launcher module:function [--config FILE] [key=value ...]`` runs any stage known by import path
+(``stages.sft:run`` or a user's ``mypkg.dpo:run``) the same way; the pipeline launches its stages through it.
+
 Errors the user can fix (``RLHFError``: bad config, bad data, missing inputs) print one message and exit with
 status 2, without a traceback; anything else is a bug and keeps its traceback.
 """
@@ -53,3 +56,23 @@ def launch(
     if rank == 0:
         sys.stdout.write(f"{cfg.stage}: complete -> {output_dir}\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rlhf.launcher TARGET [--config FILE] [key=value ...]``: one stage by its ``module:function``."""
+    from rlhf.pipeline import resolve_target
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        sys.stderr.write("usage: python -m rlhf.launcher module:function [--config FILE.yaml] [key.sub=value ...]\n")
+        return EXIT_USER_ERROR
+    try:
+        func, config_cls = resolve_target(args[0])
+    except RLHFError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USER_ERROR
+    return launch(func, config_cls, default_config=None, prog=f"rlhf.launcher {args[0]}", argv=args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,19 +7,35 @@ stays below it and a user's own stage fits in the same way.
 Expected fingerprints are computed from configs alone, upstream first: a stage's input that is the output directory
 of another stage in the graph contributes that stage's *expected* fingerprint. So the plan knows before running
 anything that changing the reward config makes reward, ppo and evaluate stale, and nothing upstream.
+
+A pipeline config (``configs/pipeline/demo.yaml``) names the run directory and, per stage, its config, its
+overrides and its accelerate config. `run_pipeline` skips the stages that are up to date and launches each of the
+others as its own ``accelerate launch`` process, so a ZeRO-3 PPO does not impose ZeRO-3 on SFT; the report is its
+last step. ``rlhf run`` and ``launch/pipeline.py`` are its command line (`pipeline_main`).
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import enum
 import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from rlhf.checkpoint import compute_fingerprint, fingerprint_path, output_dir_of, read_manifest
-from rlhf.config import load_config, semantic_dict
-from rlhf.errors import ConfigError
+from rlhf.checkpoint import (compute_fingerprint, ensure_run_dir, fingerprint_path, latest_checkpoint, output_dir_of,
+                             read_manifest)
+from rlhf.config import load_config, parse_override, read_yaml, semantic_dict
+from rlhf.errors import ConfigError, RLHFError, StageFailed
+
+logger = logging.getLogger(__name__)
 
 #: The stages of the standard pipeline and what each depends on.
 STANDARD_STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -48,6 +64,7 @@ class StageSpec:
     config: str | None = None
     overrides: tuple[str, ...] = ()
     accelerate_config: str | None = None
+    num_processes: int | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
@@ -281,3 +298,324 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"{row['stage']:<10}{row['state']:<12}{row['fingerprint'][:16]:<18}{row['created_at']:<22}"
                      f"{metrics}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pipeline configs and runs
+# --------------------------------------------------------------------------------------------------------------------
+
+_PIPELINE_KEYS = {
+    "name": "Name of the pipeline, recorded in <run_dir>/pipeline.json (default: the config file's name).",
+    "run_dir": "Run directory every stage writes into (<run_dir>/<stage>).",
+    "group": "W&B group shared by the stages' runs (default: the run directory's name).",
+    "report": "Write <run_dir>/report/ after the last stage (default true).",
+    "overrides": "key.sub=value overrides applied to every stage before its own.",
+    "stages": "The stages, in order: name -> {target, depends_on, config, overrides, accelerate_config, "
+              "num_processes}.",
+}
+_STAGE_KEYS = {
+    "target": "module:function of the stage (default for the standard stages, e.g. stages.sft:run).",
+    "depends_on": "Stages whose outputs this one reads (default for the standard stages).",
+    "config": "The stage's YAML config.",
+    "overrides": "key.sub=value overrides of the stage's config.",
+    "accelerate_config": "accelerate config file the stage is launched with (configs/accelerate/*.yaml).",
+    "num_processes": "Number of processes, overriding the accelerate config's.",
+}
+
+
+def _unknown(key: str, valid: Iterable[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"unknown key {key!r} in {where}{suggestion} (valid keys: {', '.join(valid)})")
+
+
+def _string_list(value: Any, key: str, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{key} in {source} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _existing_file(value: Any, key: str, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} in {source} must be a file path, got {value!r}")
+    if not Path(value).is_file():
+        raise ConfigError(f"{key} in {source}: {value} does not exist (paths are relative to the directory the "
+                          f"pipeline is run from, {Path.cwd()})")
+    return value
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A pipeline config: the run directory, its stage graph and what applies to every stage."""
+
+    name: str
+    run_dir: str
+    graph: StageGraph
+    overrides: tuple[str, ...] = ()
+    group: str | None = None
+    report: bool = True
+
+    @property
+    def wandb_group(self) -> str:
+        return self.group or Path(self.run_dir).name
+
+    def stage_overrides(self, name: str) -> list[str]:
+        """Everything the stage's own YAML is overridden with: the run directory and W&B group of the pipeline,
+        then the pipeline-wide overrides, then the stage's own."""
+        return [f"run_dir={self.run_dir}", f"logging.group={self.wandb_group}", *self.overrides,
+                *self.graph.specs[name].overrides]
+
+    def stage_config(self, name: str) -> Any:
+        """The resolved config stage ``name`` runs with, as its process will build it."""
+        spec = self.graph.specs[name]
+        _, config_cls = resolve_target(spec.target)
+        return load_config(config_cls, spec.config, self.stage_overrides(name))
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = (), *, run_dir: str | None = None) -> Pipeline:
+    """Read a pipeline YAML. ``overrides`` are ``<stage>.key.sub=value`` (``ppo.ppo.num_updates=2``): each goes to
+    the stage it names, after the stage's own overrides; ``run_dir`` replaces the file's."""
+    source = str(path)
+    data = read_yaml(path)
+    for key in data:
+        if key not in _PIPELINE_KEYS:
+            raise _unknown(str(key), _PIPELINE_KEYS, source)
+    stages = data.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{source}: 'stages' must map stage names to their settings, e.g. 'sft: {{config: "
+                          f"configs/sft/demo.yaml}}'")
+    extra: dict[str, list[str]] = {name: [] for name in stages}
+    for item in overrides:
+        key, _ = parse_override(item)
+        stage, _, rest = key.partition(".")
+        if stage not in stages or not rest:
+            raise ConfigError(f"override {item!r} must start with a stage name and a key, e.g. "
+                              f"'{next(iter(stages))}.seed=1' (stages: {', '.join(stages)})")
+        extra[stage].append(item[len(stage) + 1:])
+    specs = []
+    for name, entry in stages.items():
+        where = f"stages.{name}"
+        entry = {} if entry is None else entry
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} in {source} must be a mapping of {', '.join(_STAGE_KEYS)}")
+        for key in entry:
+            if key not in _STAGE_KEYS:
+                raise _unknown(str(key), _STAGE_KEYS, f"{where} of {source}")
+        standard = STANDARD_STAGES.get(name)
+        target = entry.get("target") or (standard[0] if standard else None)
+        if not target:
+            raise ConfigError(f"{where}.target is required in {source}: {name!r} is not a standard stage "
+                              f"({', '.join(STANDARD_STAGES)}); give its 'module:function'")
+        if "depends_on" in entry:
+            depends_on = _string_list(entry["depends_on"], f"{where}.depends_on", source)
+        else:
+            depends_on = tuple(d for d in (standard[1] if standard else ()) if d in stages)
+        num_processes = entry.get("num_processes")
+        if num_processes is not None and (isinstance(num_processes, bool) or not isinstance(num_processes, int)
+                                          or num_processes < 1):
+            raise ConfigError(f"{where}.num_processes in {source} must be a positive integer, got {num_processes!r}")
+        specs.append(StageSpec(
+            name=name, target=str(target), depends_on=depends_on,
+            config=_existing_file(entry.get("config"), f"{where}.config", source),
+            overrides=_string_list(entry.get("overrides"), f"{where}.overrides", source) + tuple(extra[name]),
+            accelerate_config=_existing_file(entry.get("accelerate_config"), f"{where}.accelerate_config", source),
+            num_processes=num_processes,
+        ))
+    run_dir = run_dir or data.get("run_dir")
+    if not isinstance(run_dir, str) or not run_dir:
+        raise ConfigError(f"{source}: 'run_dir' must name the run directory, e.g. 'run_dir: runs/demo'")
+    report = data.get("report", True)
+    if not isinstance(report, bool):
+        raise ConfigError(f"report in {source} must be true or false, got {report!r}")
+    return Pipeline(name=str(data.get("name") or Path(path).stem), run_dir=run_dir,
+                    graph=StageGraph.from_specs(specs), overrides=_string_list(data.get("overrides"), "overrides", source),
+                    group=data.get("group"), report=report)
+
+
+#: How a stage is run: (its spec, the overrides of its YAML) -> exit status.
+Executor = Callable[[StageSpec, Sequence[str]], int]
+
+
+def stage_command(spec: StageSpec, overrides: Sequence[str]) -> list[str]:
+    """The ``accelerate launch`` command line of one stage, run through the generic stage entry point."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if spec.accelerate_config:
+        command += ["--config_file", spec.accelerate_config]
+    if spec.num_processes:
+        command += ["--num_processes", str(spec.num_processes)]
+    command += ["-m", "rlhf.launcher", spec.target]
+    if spec.config:
+        command += ["--config", spec.config]
+    return command + list(overrides)
+
+
+def launch_stage_process(spec: StageSpec, overrides: Sequence[str]) -> int:
+    """Run a stage as its own ``accelerate launch`` process; SIGTERM sent to the pipeline is passed on to it, so it
+    saves a checkpoint and stops as it would when launched alone."""
+    command = stage_command(spec, overrides)
+    logger.info("%s: %s", spec.name, " ".join(command[1:]))
+    process = subprocess.Popen(command)
+    forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it save its checkpoint and stop
+                continue
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_stage_in_process(spec: StageSpec, overrides: Sequence[str]) -> int:
+    """Run a stage in this process (notebooks, tests): the same config and output as `launch_stage_process`."""
+    func, config_cls = resolve_target(spec.target)
+    func(load_config(config_cls, spec.config, overrides))
+    return 0
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    state: StageState  # before the run
+    action: str  # "ran", "skipped", "planned" (dry run)
+    seconds: float = 0.0
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    executor: Executor | None = None,
+) -> list[StageOutcome]:
+    """Bring the run directory up to date: every stage config is resolved and checked first, then each stage that
+    is not complete (or selected by ``from_stage``/``only``/``force``) runs, upstream first. With ``resume`` an
+    incomplete stage continues from its newest checkpoint instead of starting again. Raises `StageFailed` when a
+    stage stops without a complete output; the stages after it do not run."""
+    executor = executor or launch_stage_process
+    graph = pipeline.graph
+    configs = {name: pipeline.stage_config(name) for name in graph.order()}
+    for name, cfg in configs.items():
+        if Path(cfg.run_dir).resolve() != Path(pipeline.run_dir).resolve() or cfg.output_dir is not None:
+            raise ConfigError(f"stage {name!r} writes to {output_dir_of(cfg)}, outside the pipeline's run directory "
+                              f"{pipeline.run_dir}; remove its output_dir override")
+    expected = graph.expected_fingerprints(configs)
+    states = graph.states(configs, expected)
+    selected = graph.plan(states, from_stage=from_stage, only=only, force=force)
+    if not dry_run:
+        ensure_run_dir(pipeline.run_dir, pipeline=pipeline.name)
+    outcomes = []
+    for name in graph.order():
+        state = states[name]
+        if name not in selected:
+            logger.info("%s: up to date (fingerprint %s), skipped", name, expected[name][:16])
+            outcomes.append(StageOutcome(name, state, "skipped"))
+            continue
+        if dry_run:
+            logger.info("%s: %s, would run", name, state.value)
+            outcomes.append(StageOutcome(name, state, "planned"))
+            continue
+        overrides = pipeline.stage_overrides(name)
+        out = output_dir_of(configs[name])
+        if resume and state is StageState.INCOMPLETE and latest_checkpoint(out) is not None:
+            overrides.append("checkpoint.resume=true")
+            logger.info("%s: incomplete, resuming from %s", name, latest_checkpoint(out))
+        else:
+            logger.info("%s: %s, running", name, state.value)
+        start = time.perf_counter()
+        status = executor(graph.specs[name], overrides)
+        seconds = time.perf_counter() - start
+        manifest = read_manifest(out)
+        if status != 0 or manifest is None:
+            from rlhf.signals import EXIT_INTERRUPTED
+
+            if status == EXIT_INTERRUPTED:
+                raise StageFailed(f"stage {name!r} was interrupted and saved a checkpoint in {out}; run the same "
+                                  f"command with --resume to continue it", status)
+            raise StageFailed(f"stage {name!r} stopped with exit status {status} after {seconds:.0f} s, without a "
+                              f"complete output in {out} (its message is above); fix the cause and run the same "
+                              f"command again", status or 1)
+        if manifest["fingerprint"] != expected[name]:
+            logger.warning("%s: wrote fingerprint %s, expected %s: its inputs changed while the pipeline ran, or "
+                           "its run function does not fingerprint its config as the graph does", name,
+                           manifest["fingerprint"][:16], expected[name][:16])
+        logger.info("%s: complete in %.1f s -> %s", name, seconds, out)
+        outcomes.append(StageOutcome(name, state, "ran", seconds))
+    from rlhf.checkpoint import report_html_path
+
+    up_to_date = all(o.action == "skipped" for o in outcomes) and report_html_path(pipeline.run_dir).is_file()
+    if pipeline.report and not dry_run and not up_to_date:
+        from rlhf.report import write_report
+
+        plot, page = write_report(pipeline.run_dir)
+        logger.info("report: %s (curves: %s)", page, plot)
+    return outcomes
+
+
+PIPELINE_USAGE = """Run a pipeline: every stage whose output is not up to date, each as its own accelerate process.
+
+Stages whose output directory holds a complete manifest with the fingerprint their current config and inputs produce
+are skipped; a stage whose config changed reruns, and everything downstream of it. The report is the last step.
+Overrides address one stage: ppo.ppo.num_updates=2 sets ppo.num_updates in the ppo stage's config.
+"""
+
+
+def pipeline_main(argv: Sequence[str] | None = None, *, default_config: str | Path | None = None,
+                  prog: str = "rlhf run") -> int:
+    """The command line of ``rlhf run`` and ``launch/pipeline.py``; returns the exit status."""
+    from rlhf.launcher import EXIT_USER_ERROR
+    from rlhf.tracking import setup_logging
+
+    parser = argparse.ArgumentParser(prog=prog, description=PIPELINE_USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if default_config is None:
+        parser.add_argument("config", help="pipeline YAML, e.g. configs/pipeline/demo.yaml")
+    else:
+        parser.add_argument("--config", default=str(default_config), help="pipeline YAML (default: %(default)s)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and everything downstream")
+    order.add_argument("--only", metavar="STAGE", help="run STAGE alone (its inputs must exist)")
+    parser.add_argument("--force", action="store_true", help="rerun every stage")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue incomplete stages from their newest checkpoint instead of starting them again")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    parser.add_argument("--run-dir", help="run directory (default: the pipeline config's run_dir)")
+    parser.add_argument("overrides", nargs="*", metavar="STAGE.key=value", help="override one stage's config")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stderr.write(f"error: {prog} starts one accelerate process group per stage itself; run it with python, "
+                         f"not accelerate launch or torchrun\n")
+        return EXIT_USER_ERROR
+    setup_logging("INFO")
+    try:
+        pipeline = load_pipeline(args.config, args.overrides, run_dir=args.run_dir)
+        start = time.perf_counter()
+        outcomes = run_pipeline(pipeline, from_stage=args.from_stage, only=args.only, force=args.force,
+                                resume=args.resume, dry_run=args.dry_run)
+    except StageFailed as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_status
+    except RLHFError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USER_ERROR
+    ran = [o for o in outcomes if o.action == "ran"]
+    summary = ", ".join(f"{o.name} {o.seconds:.0f} s" for o in ran) or "nothing to run"
+    sys.stdout.write(f"pipeline {pipeline.name}: {summary} (total {time.perf_counter() - start:.0f} s)\n")
+    if not args.dry_run:
+        sys.stdout.write(format_status(run_status(pipeline.run_dir)) + "\n")
+    return 0

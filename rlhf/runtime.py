@@ -83,8 +83,9 @@ class StageRun:
     tracker is closed and no manifest is written, so the directory stays incomplete.
     """
 
-    def __init__(self, cfg: Any, *, rank: int = 0, is_main_process: bool = True):
+    def __init__(self, cfg: Any, *, rank: int = 0, is_main_process: bool = True, x_axis: str | None = None):
         self.cfg = cfg
+        self.x_axis = x_axis
         self.rank = rank
         self.is_main_process = is_main_process
         self.output_dir = output_dir_of(cfg)
@@ -112,6 +113,7 @@ class StageRun:
             config=to_dict(self.cfg),
             is_main_process=self.is_main_process,
             wandb_dir=Path(self.cfg.run_dir),
+            x_axis=self.x_axis,
         )
         # Objects built during start-up (modules, tokenizers, datasets) live for the whole run; freezing them keeps
         # the cyclic collector from re-scanning them on every collection.

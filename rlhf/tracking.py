@@ -288,6 +288,7 @@ class Tracker:
         is_main_process: bool = True,
         wandb_dir: Path | None = None,
         tensorboard_dir: Path | None = None,
+        x_axis: str | None = None,
     ) -> None:
         if isinstance(report_to, str):
             report_to = [report_to]
@@ -322,7 +323,7 @@ class Tracker:
             if "wandb" in self.report_to:
                 self._start_wandb(
                     Path(wandb_dir or self.output_dir), safe_config, mode=mode, run_name=run_name, project=project,
-                    group=group, entity=entity,
+                    group=group, entity=entity, x_axis=x_axis,
                 )
         except BaseException:
             self._close(exit_code=1)
@@ -339,7 +340,7 @@ class Tracker:
 
     def _start_wandb(
         self, directory: Path, config: dict[str, Any], *, mode: str, run_name: str | None, project: str,
-        group: str | None, entity: str | None,
+        group: str | None, entity: str | None, x_axis: str | None,
     ) -> None:
         import wandb
 
@@ -365,6 +366,10 @@ class Tracker:
             reinit="create_new",
             settings=settings,
         )
+        if x_axis:
+            # The charts plot every metric against x_axis (e.g. PPO's episodes) rather than W&B's internal step.
+            self.wandb_run.define_metric(x_axis)
+            self.wandb_run.define_metric("*", step_metric=x_axis)
         if mode == "offline":
             logger.info("W&B is offline: run files under %s; upload them later with `wandb sync`", directory / "wandb")
 

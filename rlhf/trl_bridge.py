@@ -52,7 +52,7 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
         "full_determinism": cfg.full_determinism,
         "bf16": cfg.model.dtype == "bfloat16",
         "fp16": cfg.model.dtype == "float16",
-        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "activation_checkpointing": cfg.model.gradient_checkpointing,
         "dataloader_num_workers": 0,
         # Without an accelerator the Trainer must be told, or it refuses bf16 instead of using the CPU's.
         "use_cpu": torch.accelerator.current_accelerator() is None,

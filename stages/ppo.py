@@ -293,6 +293,9 @@ class PPOModels:
     reward_model: torch.nn.Module
 
 
+#: Logged with every update: rollouts so far, the x axis of the W&B charts.
+EPISODE_METRIC = "train/episode"
+
 #: Called with (update index, models) before the first update (index 0 or the resumed one) and after each update.
 UpdateHook = Callable[[int, PPOModels], None]
 
@@ -341,8 +344,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         ds_config["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
     device = accelerator.device
 
-    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
-            StopRequest() as stop:
+    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process,
+                  x_axis=EPISODE_METRIC) as stage, StopRequest() as stop:
         # 2. Models: policy (+ reference), reward model, critic.
         policy = load_causal_lm(policy_cfg)
         # Loaded, not deep-copied: under ZeRO-3 the policy's parameters are already partitioned at load time.
@@ -398,7 +401,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                           batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold)
             records = sorted(gather_object(records), key=lambda rec: rec["index"])
             metrics = summarise_records(records)
-            stage.tracker.log(metrics, step=update)
+            stage.tracker.log({**metrics, EPISODE_METRIC: update * cfg.rollout.batch_size}, step=update)
             if cfg.eval.samples:
                 columns = ["prompt", "response", "score", "kl"] + (["gold_combined"] if use_gold else [])
                 stage.tracker.log_table("eval_samples", columns,
@@ -543,7 +546,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             step = update + 1
             if on_update is not None:
                 on_update(step, PPOModels(unwrapped, reference, scorer.model))
-            stage.tracker.log(metrics, step=step)
+            stage.tracker.log({**metrics, EPISODE_METRIC: step * cfg.rollout.batch_size}, step=step)
             history = metrics
             times["rollout_s"] += rollout_s
             times["train_s"] += train_s

@@ -7,9 +7,7 @@ import pytest
 
 from rlhf.checkpoint import compute_fingerprint
 from rlhf.config import (
-    CheckpointConfig,
     DataConfig,
-    LoggingConfig,
     OptimConfig,
     PretrainConfig,
     StageConfig,

@@ -35,7 +35,10 @@ def test_launcher_help(path: Path, monkeypatch, capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: launch/{path.name}")
-    assert "seed: int" in out
+    if path.name == "pipeline.py":  # the pipeline's options, not a stage's config keys
+        assert "--from STAGE" in out and "--resume" in out and "STAGE.key=value" in out
+    else:
+        assert "seed: int" in out
 
 
 def test_user_error_exits_2_with_message_and_no_traceback(capsys):

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from rlhf.checkpoint import read_manifest
-from rlhf.config import CheckpointConfig, LoggingConfig, StageConfig, load_config, option, section
+from rlhf.config import StageConfig, load_config, option
 from rlhf.runtime import StageRun, rank_seed, seed_everything
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from rlhf import tracking
 from rlhf.errors import ConfigError
 from rlhf.tracking import Tracker, read_metrics, read_samples, read_summary, redact, wandb_mode
+from support import finished_wandb_records, wandb_run_contents
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -37,64 +36,6 @@ def strict_json(line: str) -> dict:
         raise ValueError(f"non-standard JSON constant {constant}")
 
     return json.loads(line, parse_constant=reject)
-
-
-def wandb_records(path: Path) -> list:
-    """Records of a W&B transaction log (run-*.wandb): a 7-byte header, then 32 KiB blocks of chunks, each with a
-    7-byte header (crc32, length, type); types 1 = full, 2/3/4 = first/middle/last piece of a protobuf `Record`."""
-    from wandb.proto import wandb_internal_pb2
-
-    block, chunk_header = 32768, 7
-    data = path.read_bytes()
-    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
-    records, pending, pos = [], b"", 7
-    while pos + chunk_header <= len(data):
-        room = block - pos % block
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + chunk_header])
-        if room < chunk_header or kind == 0:  # the zero padding at the end of a block
-            pos += room
-            continue
-        pending += data[pos + chunk_header : pos + chunk_header + length]
-        pos += chunk_header + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def finished_wandb_records(log_file: Path) -> list:
-    """The records of a run-*.wandb file once it holds the exit record: W&B's service can still be flushing the file
-    for a moment after `finish` returns."""
-    deadline = time.monotonic() + 15
-    records = wandb_records(log_file)
-    while not any(record.HasField("exit") for record in records) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        records = wandb_records(log_file)
-    return records
-
-
-def item_key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
-def wandb_run_contents(run_dir: Path) -> dict:
-    """The run, config, history rows and summary recorded in one offline run directory."""
-    (log_file,) = run_dir.glob("run-*.wandb")
-    out: dict = {"run": None, "config": {}, "history": [], "summary": {}}
-    for record in finished_wandb_records(log_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run"] = record.run
-            out["config"].update({item_key(i): json.loads(i.value_json) for i in record.run.config.update})
-        elif kind == "config":
-            out["config"].update({item_key(i): json.loads(i.value_json) for i in record.config.update})
-        elif kind == "history":
-            out["history"].append({item_key(i): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "summary":
-            out["summary"].update({item_key(i): json.loads(i.value_json) for i in record.summary.update})
-    return out
 
 
 def test_jsonl_records_read_back_exactly(tmp_path: Path) -> None:
