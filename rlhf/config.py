@@ -650,6 +650,10 @@ class RolloutConfig:
                                 ge=0)
     top_k: int = option(0, doc="Sample among the top k tokens only; 0 disables.", ge=0)
     top_p: float = option(1.0, doc="Nucleus sampling mass; 1 disables.", gt=0, le=1)
+    stop_at_stop_token: bool = option(
+        True, doc="End a response at its first stop token (EOS, end of turn); false always samples max_new_tokens "
+                  "(throughput benchmarks)."
+    )
     missing_stop_penalty: float = option(
         1.0, doc="Subtracted from the score of a response that reached max_new_tokens without a stop token.", ge=0
     )
@@ -661,6 +665,10 @@ class RolloutConfig:
     score_clip: float | None = option(None, doc="Clip normalised scores to [-score_clip, score_clip].", gt=0)
     micro_batch_size: int = option(64, doc="Sequences per generation and scoring pass on one process.", ge=1,
                                    semantic=False)
+    generation_logprobs: bool = option(
+        True, doc="Take the rollout's log-probs from generation's own logits instead of a second policy pass, when "
+                  "the policy computes in float32 (they agree to float32 rounding; in bf16/fp16 they would not, and "
+                  "the second pass runs).", semantic=False)
 
 
 @dataclass

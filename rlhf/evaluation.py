@@ -48,13 +48,18 @@ def evaluate_policy(
     device: Any,
     batch_size: int = 64,
     gold_judge: bool = False,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
     """One record per prompt index: prompt, response text, reward-model score, KL to the reference (sum over the
     response's tokens of log p - log p_ref, at the sampling temperature), length, whether it stopped, and with
     ``gold_judge`` the demo judge's reading. Samples use the "eval" random stream, so the same prompt index gets the
-    same uniforms in every evaluation and on any number of processes."""
+    same uniforms in every evaluation and on any number of processes. ``progress``: the label of a progress bar (give
+    it on the main process only)."""
+    from tqdm.auto import tqdm
+
     contract = scorer.policy_contract
     records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(indices), desc=progress, unit="prompt", leave=False, disable=progress is None)
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start:start + batch_size])
         ids = [prompts.prompt_ids[i] for i in chunk]
@@ -81,6 +86,8 @@ def evaluate_policy(
                                "gold_grammatical": verdict.grammatical, "gold_repetition": verdict.repetition,
                                "gold_concise": verdict.concise})
             records.append(record)
+        bar.update(len(chunk))
+    bar.close()
     return records
 
 

@@ -432,7 +432,8 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = (), *, run_dir: s
     if not isinstance(report, bool):
         raise ConfigError(f"report in {source} must be true or false, got {report!r}")
     return Pipeline(name=str(data.get("name") or Path(path).stem), run_dir=run_dir,
-                    graph=StageGraph.from_specs(specs), overrides=_string_list(data.get("overrides"), "overrides", source),
+                    graph=StageGraph.from_specs(specs),
+                    overrides=_string_list(data.get("overrides"), "overrides", source),
                     group=data.get("group"), report=report)
 
 

@@ -94,7 +94,8 @@ def run(cfg: EvaluateConfig) -> Path:
         results = {}
         for name, policy in (("sft", sft), ("ppo", ppo)):
             records = evaluate_policy(policy, reference, scorer, prompts, indices, settings, seed=cfg.seed,
-                                      device=device, batch_size=cfg.batch_size, gold_judge=use_gold)
+                                      device=device, batch_size=cfg.batch_size, gold_judge=use_gold,
+                                      progress=f"evaluate {name}" if state.is_main_process else None)
             results[name] = sorted(gather_object(records), key=lambda r: r["index"])
 
         # 4. Summaries, pairwise win rates, the sample table, eval.json.

@@ -279,8 +279,12 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         response_ids[row, :len(response)] = torch.as_tensor(response)
         response_mask[row, :len(response)] = True
     device = prompt_ids.device
+    logprobs = None
+    if all(part.logprobs is not None for part in parts):
+        logprobs = torch.cat([torch.nn.functional.pad(part.logprobs, (0, width - part.logprobs.shape[1]))
+                              if part.logprobs.shape[1] < width else part.logprobs[:, :width] for part in parts])
     return Rollout(prompt_ids, prompt_mask, response_ids.to(device), response_mask.to(device),
-                   torch.cat([part.stopped for part in parts]))
+                   torch.cat([part.stopped for part in parts]), logprobs)
 
 
 @dataclasses.dataclass
@@ -332,7 +336,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     state.wait_for_everyone()
     settings = GenerationSettings(
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
-        top_p=cfg.rollout.top_p, stop_token_ids=contract.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+        top_p=cfg.rollout.top_p, pad_token_id=tokenizer.pad_token_id,
+        stop_token_ids=contract.stop_token_ids if cfg.rollout.stop_at_stop_token else (),
     )
     temperature = cfg.rollout.temperature or 1.0
 
@@ -368,6 +373,9 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         reference = prepare_frozen(accelerator, reference) if reference is not None else None
         scorer.model = prepare_frozen(accelerator, reward_model)
         unwrapped = accelerator.unwrap_model(model)
+        critic_head = score_module(unwrapped.critic)
+        reuse_logprobs = (cfg.rollout.generation_logprobs
+                          and next(unwrapped.policy.parameters()).dtype == torch.float32)
         # The models, tokenizers and prompts live for the whole run: keep the cyclic collector off them.
         gc.collect()
         gc.freeze()
@@ -398,7 +406,9 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             with gathered_for_generation(accelerator, unwrapped.policy):
                 records = evaluate_policy(unwrapped.policy, reference_logprobs, scorer, eval_prompts, indices,
                                           settings, seed=cfg.seed, device=device,
-                                          batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold)
+                                          batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold,
+                                          progress=f"held-out eval (update {update})" if state.is_main_process
+                                          else None)
             records = sorted(gather_object(records), key=lambda rec: rec["index"])
             metrics = summarise_records(records)
             stage.tracker.log({**metrics, EPISODE_METRIC: update * cfg.rollout.batch_size}, step=update)
@@ -427,6 +437,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         for update in progress:
             # 3. Rollout: this process's share of the update's global sample indices, one random stream each.
             t0 = time.perf_counter()
+            phase = {"generate_s": 0.0, "policy_value_s": 0.0, "reference_s": 0.0, "reward_s": 0.0}
             first = update * cfg.rollout.batch_size + state.process_index * local_batch
             indices = list(range(first, first + local_batch))
             prompt_rows = [prompts[g] for g in indices]
@@ -441,21 +452,32 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                         parts.append(generate(unwrapped.policy, [train_prompts.prompt_ids[i] for i in rows],
                                               uniforms, settings, device))
                 rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+                phase["generate_s"] = time.perf_counter() - t0
                 r = rollout.response_ids.shape[1]
                 mask = rollout.response_mask
+                # Old log-probs from generation's own logits (float32 policy) or a policy pass; old values.
                 old_logprobs, old_values, ref_logprobs = [], [], []
                 for start in range(0, local_batch, cfg.rollout.micro_batch_size):
                     rows = torch.arange(start, min(start + cfg.rollout.micro_batch_size, local_batch))
                     ids, att = rollout.input_ids[rows], rollout.attention_mask[rows]
-                    lp, _, v = unwrapped(ids, att, r, temperature, False)
-                    old_logprobs.append(lp)
-                    old_values.append(v)
+                    tp = time.perf_counter()
+                    if reuse_logprobs:
+                        old_values.append(token_values(unwrapped.critic, ids, att, r, head=critic_head))
+                    else:
+                        lp, _, v = unwrapped(ids, att, r, temperature, False)
+                        old_logprobs.append(lp)
+                        old_values.append(v)
+                    tr = time.perf_counter()
                     ref_logprobs.append(reference_logprobs(ids, att, r))
-                old_logprobs = torch.cat(old_logprobs)
+                    phase["policy_value_s"] += tr - tp
+                    phase["reference_s"] += time.perf_counter() - tr
+                old_logprobs = rollout.logprobs if reuse_logprobs else torch.cat(old_logprobs)
                 old_values = torch.cat(old_values)
                 ref_logprobs = torch.cat(ref_logprobs)
+                ts = time.perf_counter()
                 raw_scores = scorer.score([train_prompts.prompts[i] for i in prompt_rows], rollout.prompt_lists(),
                                           rollout.response_lists()).to(device)
+                phase["reward_s"] = time.perf_counter() - ts
 
                 # 4. Scores, KL-shaped rewards, advantages (statistics over all processes).
                 if cfg.rollout.score_norm == "first_rollout" and score_stats is None:
@@ -481,6 +503,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             t1 = time.perf_counter()
             unwrapped.train()
             sums = torch.zeros(8, dtype=torch.float64, device=device)
+            optimizer_steps = 0
             seq_lengths = batch.rollout.attention_mask.sum(-1)
             for epoch in range(cfg.ppo.ppo_epochs):
                 generator = torch.Generator().manual_seed(
@@ -513,6 +536,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                             optimizer.step()
                             if accelerator.sync_gradients:
                                 scheduler.step()
+                                optimizer_steps += 1
                             optimizer.zero_grad()
                         sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
                                              pg_stats["approx_kl"], entropy_mean.detach(), vf_stats["clipfrac"],
@@ -524,7 +548,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             sums = accelerator.reduce(sums, "sum") / num_minibatches
             seq_kl = (kl_per_token(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
             per_sample = torch.stack([raw_scores, raw_scores * raw_scores, seq_kl, mask.sum(-1).float(),
-                                      rollout.stopped.float(), scores]).double()
+                                      rollout.stopped.float(), scores,
+                                      torch.full_like(scores, float(rollout.response_ids.shape[1]))]).double()
             totals = accelerator.reduce(per_sample.sum(-1), "sum") / cfg.rollout.batch_size
             ev = explained_variance_all(accelerator, old_values, returns, mask)
             generated = totals[3].item() * cfg.rollout.batch_size
@@ -540,6 +565,10 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 "ppo/ratio": sums[6].item(), "ppo/explained_var": ev, "ppo/kl_coef": kl_ctl.value,
                 "ppo/lr": scheduler.get_last_lr()[0],
                 "time/rollout_s": rollout_s, "time/train_s": train_s,
+                **{f"time/{name}": seconds for name, seconds in phase.items()},
+                # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
+                "perf/sampled_tokens": totals[6].item() * cfg.rollout.batch_size,
+                "ppo/optimizer_steps": optimizer_steps,
                 "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
             }
             kl_ctl.update(metrics["rollout/kl"], cfg.rollout.batch_size)
@@ -634,7 +663,8 @@ def clone_tree(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.clone()
     if isinstance(x, Rollout):
-        return Rollout(*(t.clone() for t in dataclasses.astuple(x)))
+        return Rollout(*(None if t is None else t.clone()
+                         for t in (getattr(x, f.name) for f in dataclasses.fields(x))))
     return x
 
 

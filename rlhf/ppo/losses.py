@@ -26,6 +26,70 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits / T) at ``tokens`` and (without gradient) the entropy, ``rows`` leading rows at a time.
+
+    The straightforward autograd path makes about ten full passes over the [B, T, V] logits (scale, logsumexp, the
+    entropy's softmax, the backward's softmax and scatter), each one from main memory when B x T x V is large. Here
+    each chunk of rows goes through all of them while it is in cache, and the backward recomputes the chunk's
+    softmax from the saved log-normaliser instead of keeping another [B, T, V] tensor. Same values, same gradient.
+    Works on views (the usual ``logits[:, :-1]``) without copying them."""
+
+    @staticmethod
+    def forward(ctx: object, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+        lse_all = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty(tokens.shape if with_entropy else (0,), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            part = logits[start:start + rows].float()
+            if temperature != 1.0:
+                part = part / temperature
+            lse = torch.logsumexp(part, dim=-1)
+            lse_all[start:start + rows] = lse
+            picked = part.gather(-1, tokens[start:start + rows].unsqueeze(-1)).squeeze(-1)
+            logprobs[start:start + rows] = picked - lse
+            if with_entropy:
+                probs = torch.exp(part - lse.unsqueeze(-1))
+                entropy[start:start + rows] = lse - (probs * part).sum(-1)
+        ctx.save_for_backward(logits, tokens, lse_all)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: object, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple:
+        logits, tokens, lse_all = ctx.saved_tensors
+        temperature, rows = ctx.temperature, ctx.rows
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            part = logits[start:start + rows].float()
+            if temperature != 1.0:
+                part = part / temperature
+            g = grad_logprobs[start:start + rows].float().unsqueeze(-1)
+            # d/dl [l_token - logsumexp(l)] = onehot(token) - softmax(l); then the chain rule through l = logits / T.
+            piece = torch.exp(part - lse_all[start:start + rows].unsqueeze(-1)).mul_(-g)
+            piece.scatter_add_(-1, tokens[start:start + rows].unsqueeze(-1), g)
+            if temperature != 1.0:
+                piece = piece / temperature
+            grad[start:start + rows] = piece
+        return grad, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = False,
+    positions_per_chunk: int = 96,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logprobs_from_logits` and, with ``with_entropy``, `entropy_from_logits` (no gradient) in one pass over
+    chunks of about ``positions_per_chunk`` positions, each kept in cache through every step; the backward pass is
+    chunked the same way. logits: [B, T, V] or [N, V]; tokens: [B, T] or [N] -> same shape, float32 (and None
+    without ``with_entropy``)."""
+    per_row = tokens[0].numel() if tokens.dim() > 1 else 1
+    rows = max(1, positions_per_chunk // max(per_row, 1))
+    logprobs, entropy = _TokenLogprobs.apply(logits, tokens, float(temperature), with_entropy, rows)
+    return logprobs, entropy if with_entropy else None
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 16) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position, float32: H = logsumexp(l) - sum softmax(l) l.
     Computed ``chunk`` rows at a time to bound the float32 copy. [B, T, V] -> [B, T]."""

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from rlhf.ppo.losses import logprobs_from_logits, token_logprobs
 from rlhf.ppo.sampling import sample_from_logits
 
 
@@ -48,7 +49,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def truncate_after_stop(tokens: torch.Tensor, stop_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(response_mask, stopped)``: the mask is True up to and including the first stop token of each row (all of a
     row without one); ``stopped`` says whether the row has one. tokens: [B, T] -> [B, T] bool, [B] bool."""
-    is_stop = torch.isin(tokens, torch.as_tensor(list(stop_token_ids), device=tokens.device))
+    is_stop = torch.isin(tokens, torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=tokens.device))
     # Stops seen strictly before t; the first stop itself stays inside the response.
     before = torch.cumsum(is_stop.long(), dim=-1) - is_stop.long()
     return before == 0, is_stop.any(-1)
@@ -63,6 +64,9 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor  # bool, True on the response's tokens (the stop token included)
     stopped: torch.Tensor  # bool [B]: the response ends with a stop token
+    # float32 [B, R]: log-prob of each sampled token at the sampling temperature (full softmax, as in training),
+    # read off the logits generation computed anyway; 0 after the response. None when not recorded.
+    logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -85,13 +89,15 @@ class Rollout:
 def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tensor, settings: GenerationSettings,
              device: Any) -> Rollout:
     """Sample one response per prompt with a KV cache, token by token, row ``b`` consuming ``uniforms[b, t]`` at
-    step t (see :mod:`rlhf.ppo.sampling`); stops early once every row has produced a stop token.
+    step t (see :mod:`rlhf.ppo.sampling`); stops early once every row has produced a stop token. The log-prob of
+    each sampled token (at the temperature, without top-k/top-p truncation: what `policy_forward` gives) comes from
+    the same logits, so the rollout needs no second policy pass for its old log-probs.
 
     prompts: B token lists; uniforms: [B, >= max_new_tokens].
     """
     prompt_ids, prompt_mask = left_pad(prompts, settings.pad_token_id, device)
     batch = prompt_ids.shape[0]
-    stops = torch.as_tensor(settings.stop_token_ids, device=device)
+    stops = torch.as_tensor(settings.stop_token_ids, dtype=torch.long, device=device)
     mask = prompt_mask
     positions = position_ids(mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -100,12 +106,13 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tenso
     cache = out[cache_key]
     next_logits = out.logits[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, logprobs = [], []
     for step in range(settings.max_new_tokens):
         token = sample_from_logits(next_logits, uniforms[:, step], temperature=settings.temperature,
                                    top_k=settings.top_k, top_p=settings.top_p)
         token = torch.where(finished, torch.full_like(token, settings.pad_token_id), token)
         tokens.append(token)
+        logprobs.append(logprobs_from_logits(next_logits, token, settings.temperature or 1.0))
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == settings.max_new_tokens - 1:
             break
@@ -119,24 +126,18 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tenso
     response_ids = torch.stack(tokens, dim=1)
     response_mask, stopped = truncate_after_stop(response_ids, settings.stop_token_ids)
     response_ids = response_ids.masked_fill(~response_mask, settings.pad_token_id)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, stopped)
+    sampled_logprobs = torch.stack(logprobs, dim=1).masked_fill(~response_mask, 0.0)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, stopped, sampled_logprobs)
 
 
 def policy_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int,
                    *, temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and optionally entropies) of the last ``num_response_tokens`` tokens of ``input_ids`` under
     ``model`` at ``temperature``, float32. Only the needed positions go through the output head. [B, R] each."""
-    from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
-
     r = num_response_tokens
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    use_cache=False, logits_to_keep=r + 1).logits[:, :-1]
-    logprobs = logprobs_from_logits(logits, input_ids[:, -r:], temperature)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach(), temperature)
-    return logprobs, entropy
+    return token_logprobs(logits, input_ids[:, -r:], temperature, with_entropy=with_entropy)
 
 
 def score_module(model: torch.nn.Module) -> torch.nn.Module:

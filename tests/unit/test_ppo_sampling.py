@@ -269,3 +269,59 @@ def test_position_ids_start_at_zero_on_first_real_token():
         [0, 0, 0, 1, 2, 2, 2],
         [0, 0, 0, 0, 1, 2, 3],
     ]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generation_logprobs_match_a_policy_pass_and_give_the_same_loss_and_gradients(temperature):
+    """The rollout's log-probs read off generation's logits (KV cache, one position at a time) against the full
+    forward pass the rollout would otherwise make: equal to float32 rounding, and the PPO loss and its gradients
+    built on either agree within 1e-6."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf.ppo.losses import policy_loss
+    from rlhf.ppo.rollout import GenerationSettings, generate, policy_forward
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    settings = GenerationSettings(max_new_tokens=12, temperature=temperature, top_k=8, top_p=1.0,
+                                  stop_token_ids=(3,), pad_token_id=0)
+    rollout = generate(model, prompts, sample_uniforms(0, "rollout", [0, 1, 2], 12), settings, "cpu")
+    r, mask = rollout.response_ids.shape[1], rollout.response_mask.clone()
+    input_ids, attention_mask, generated = (t.clone() for t in (rollout.input_ids, rollout.attention_mask,
+                                                                rollout.logprobs))  # out of inference mode
+    with torch.no_grad():
+        forward, _ = policy_forward(model, input_ids, attention_mask, r, temperature=temperature)
+    assert generated.dtype == torch.float32 and generated.shape == forward.shape
+    assert (generated[~mask] == 0).all()
+    assert torch.allclose(generated[mask], forward[mask], atol=1e-5, rtol=0)
+
+    advantages = torch.randn(mask.shape)
+    results = []
+    for old in (generated, forward):
+        model.zero_grad()
+        new, _ = policy_forward(model, input_ids, attention_mask, r, temperature=temperature)
+        loss, _ = policy_loss(new, old, advantages, mask, clip_range=0.2, num_tokens=mask.sum())
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(grads_a, grads_b))
+
+
+def test_without_stop_tokens_every_response_has_max_new_tokens():
+    """``rollout.stop_at_stop_token=false`` (the throughput workload): no row ends early, even one that samples EOS."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf.ppo.rollout import GenerationSettings, generate
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=64, n_embd=16, n_layer=1, n_head=2)).eval()
+    prompts = [[5, 6], [7]] * 4
+    uniforms = sample_uniforms(0, "rollout", list(range(8)), 20)
+    stopping = generate(model, prompts, uniforms, GenerationSettings(20, 1.0, 0, 1.0, (3,), 0), "cpu")
+    assert stopping.stopped.any()  # with 8 tokens, token 3 comes up in 20 draws
+    free = generate(model, prompts, uniforms, GenerationSettings(20, 1.0, 0, 1.0, (), 0), "cpu")
+    assert free.response_ids.shape == (8, 20) and free.response_mask.all() and not free.stopped.any()
+    assert (free.response_ids == 3).any()
