@@ -692,6 +692,9 @@ class PPOAlgoConfig:
     kl_horizon: float = option(10000.0, doc="Adaptive KL horizon in samples.", gt=0)
     whiten_advantages: bool = option(True, doc="Whiten advantages over the rollout batch (all processes).")
     whiten_rewards: bool = option(False, doc="Scale per-token rewards to unit variance before GAE.")
+    max_bad_updates: int = option(
+        3, doc="Updates with non-finite scores, rewards, advantages or gradients are skipped; this many in a row stop "
+               "the run with a checkpoint of the last good weights.", ge=1, semantic=False)
     critic_learning_rate: float | None = option(None, doc="Critic learning rate; None uses optim.learning_rate.",
                                                 gt=0)
     critic_init: Literal["auto", "reward", "policy"] = option(

@@ -29,3 +29,8 @@ class StageFailed(RLHFError):
     def __init__(self, message: str, exit_status: int) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+
+
+class TrainingDiverged(RLHFError):
+    """Training produced non-finite numbers for too many updates in a row; a checkpoint of the last good weights
+    was saved."""

@@ -85,6 +85,8 @@ def trainer_stop_callback(stop: StopRequest) -> Any:
 #: Fault injection for tests: ``RLHF_FAULT=<point>:<step>`` stops the run at that point of that step by raising
 #: :class:`InjectedFault`, as a kill would (nothing after it runs). Points: ``checkpoint_write`` (part-way through
 #: writing the checkpoint of that update: weights written, the rest not) and ``after_checkpoint`` (once it is complete).
+#: Numerical faults (`fault_injected`): ``nan_scores`` (a NaN reward-model score) and ``nan_loss`` (a NaN loss) at
+#: update ``<step>``, or at every update from it on with ``<step>+``.
 FAULT_ENV = "RLHF_FAULT"
 
 
@@ -99,3 +101,13 @@ def fault_point(point: str, step: int) -> None:
     name, _, at = spec.partition(":")
     if name == point and at.isdigit() and int(at) == step:
         raise InjectedFault(f"{FAULT_ENV}={spec}: stopped at {point} of step {step}")
+
+
+def fault_injected(point: str, step: int) -> bool:
+    """Whether ``RLHF_FAULT`` asks for the numerical fault ``point`` at ``step`` (``point:K``, or ``point:K+`` for K
+    and every later step); the caller then corrupts its own value."""
+    name, _, at = os.environ.get(FAULT_ENV, "").partition(":")
+    if name != point or not at.rstrip("+").isdigit():
+        return False
+    first = int(at.rstrip("+"))
+    return step >= first if at.endswith("+") else step == first

@@ -38,7 +38,7 @@ from rlhf.checkpoint import (
 )
 from rlhf.config import PPOConfig
 from rlhf.data import prepare_dataset
-from rlhf.errors import CheckpointError, ConfigError
+from rlhf.errors import CheckpointError, ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.models import (
     apply_peft,
@@ -58,7 +58,7 @@ from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, po
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.scoring import RewardScorer
-from rlhf.signals import StageInterrupted, StopRequest, fault_point
+from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
 from rlhf.text import TextContract
 from rlhf.tracking import read_metrics
 from rlhf.train_state import load_state, rng_state, save_state, set_rng_state
@@ -434,6 +434,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                         desc="ppo", disable=not state.is_main_process)
         history: dict[str, float] = {}
         times = {"rollout_s": 0.0, "train_s": 0.0, "tokens": 0.0}
+        skipped = bad_streak = 0
         for update in progress:
             # 3. Rollout: this process's share of the update's global sample indices, one random stream each.
             t0 = time.perf_counter()
@@ -477,6 +478,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 ts = time.perf_counter()
                 raw_scores = scorer.score([train_prompts.prompts[i] for i in prompt_rows], rollout.prompt_lists(),
                                           rollout.response_lists()).to(device)
+                if fault_injected("nan_scores", update + 1):
+                    raw_scores[0] = float("nan")
                 phase["reward_s"] = time.perf_counter() - ts
 
                 # 4. Scores, KL-shaped rewards, advantages (statistics over all processes).
@@ -494,6 +497,11 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 advantages, returns = gae(rewards, old_values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
                 if cfg.ppo.whiten_advantages:
                     advantages = whiten(advantages, mask, stats=accelerator.reduce(moments(advantages, mask), "sum"))
+                # A non-finite number anywhere here would reach the weights: skip the update (all processes).
+                bad = first_non_finite(accelerator, {
+                    "reward-model scores": raw_scores, "old log-probs": old_logprobs[mask],
+                    "reference log-probs": ref_logprobs[mask], "values": old_values[mask],
+                    "rewards": rewards[mask], "advantages": advantages[mask]})
             # Tensors made under inference_mode cannot be saved for backward; clones outside it can.
             batch = Batch(*(clone_tree(x) for x in (rollout, old_logprobs, ref_logprobs, old_values, advantages,
                                                      returns)))
@@ -505,11 +513,15 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             sums = torch.zeros(8, dtype=torch.float64, device=device)
             optimizer_steps = 0
             seq_lengths = batch.rollout.attention_mask.sum(-1)
-            for epoch in range(cfg.ppo.ppo_epochs):
+            for epoch in range(cfg.ppo.ppo_epochs if bad is None else 0):
+                if bad is not None:
+                    break
                 generator = torch.Generator().manual_seed(
                     sample_seed(cfg.seed, f"minibatch/{state.process_index}", update * cfg.ppo.ppo_epochs + epoch))
                 order = torch.randperm(local_batch, generator=generator).to(device)
                 for mb_start in range(0, local_batch, minibatch):
+                    if bad is not None:
+                        break
                     mb_rows = order[mb_start:mb_start + minibatch]
                     # Losses are token sums over the global minibatch token count (sharded == global loss).
                     mb_tokens = accelerator.reduce(batch.rollout.response_mask[mb_rows].sum().float(), "sum")
@@ -527,12 +539,21 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                             vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
                                                            clip_range=cfg.ppo.value_clip_range, num_tokens=mb_tokens)
                             loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+                            if fault_injected("nan_loss", update + 1):
+                                loss = loss * float("nan")
                             entropy_mean = masked_sum(entropy, m) / mb_tokens
                             # DDP averages gradients over processes and accelerate divides by the accumulation
                             # steps; undo both so the gradient is that of the global token-mean loss.
                             accelerator.backward(loss * state.num_processes * micro_per_minibatch)
-                            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                            norm = None
+                            if accelerator.sync_gradients:
+                                # The norm of the all-reduced gradient: the same on every process.
+                                norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                   cfg.optim.max_grad_norm or float("inf"))
+                            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                                bad = "gradients"  # this step is not taken, nor the rest of the update
+                                optimizer.zero_grad()
+                                break
                             optimizer.step()
                             if accelerator.sync_gradients:
                                 scheduler.step()
@@ -571,8 +592,16 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 "ppo/optimizer_steps": optimizer_steps,
                 "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
             }
-            kl_ctl.update(metrics["rollout/kl"], cfg.rollout.batch_size)
             step = update + 1
+            skipped += bad is not None
+            metrics["ppo/skipped_updates"] = skipped
+            if bad is None:
+                kl_ctl.update(metrics["rollout/kl"], cfg.rollout.batch_size)
+                bad_streak = 0
+            else:
+                bad_streak += 1
+                logger.warning("ppo: update %d skipped: non-finite %s (%d in a row; %d stop the run)", step, bad,
+                               bad_streak, cfg.ppo.max_bad_updates)
             if on_update is not None:
                 on_update(step, PPOModels(unwrapped, reference, scorer.model))
             stage.tracker.log({**metrics, EPISODE_METRIC: step * cfg.rollout.batch_size}, step=step)
@@ -585,6 +614,15 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 log_samples(stage.tracker, contract, train_prompts, prompt_rows, batch.rollout, raw_scores, step)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.ppo.num_updates and eval_prompts.prompts:
                 run_eval(step)
+            if bad_streak >= cfg.ppo.max_bad_updates:
+                save_checkpoint(accelerator, model, stage.output_dir, step, unwrapped, optimizer, scheduler, kl_ctl,
+                                score_stats, keep_last=cfg.checkpoint.keep_last)
+                where = checkpoint_dir(stage.output_dir, step)
+                raise TrainingDiverged(
+                    f"ppo: {bad_streak} updates in a row (the last: update {step}) had non-finite {bad}; they were "
+                    f"skipped, and a checkpoint of the last good weights is in {where}. Check the reward model's "
+                    "scores (rollout.score_clip bounds them), lower optim.learning_rate, then rerun with "
+                    "checkpoint.resume=true")
             stopping = stop.agreed(device)
             if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or \
                     (stopping and step < cfg.ppo.num_updates):
@@ -657,6 +695,18 @@ def final_scores(raw_scores: torch.Tensor, stopped: torch.Tensor, stats: dict[st
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+
+
+def first_non_finite(accelerator: Any, tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity on any process ("... on another process" when only
+    another one has it), or None; one collective."""
+    local = [name for name, t in tensors.items() if t.numel() and not bool(torch.isfinite(t).all())]
+    flags = torch.tensor([float(name in local) for name in tensors], device=next(iter(tensors.values())).device)
+    flags = accelerator.reduce(flags, "sum")
+    for name, flag in zip(tensors, flags.tolist()):
+        if flag > 0:
+            return name if name in local else f"{name} (on another process)"
+    return None
 
 
 def clone_tree(x: Any) -> Any:
