@@ -120,6 +120,14 @@ def demo_rows(name: str, n: int) -> list[dict]:
         return [json.loads(next(handle)) for _ in range(n)]
 
 
+def save_tiny_sft_and_reward(root: Path) -> tuple[Path, Path]:
+    """A tiny SFT policy (``root/sft``) and a reward model built on it (``root/reward``), sharing the plain
+    tokenizer: the models of the PPO, evaluation and fault tests."""
+    tokenizer = plain_tokenizer()
+    sft = save_tiny_causal_lm(root / "sft", tokenizer)
+    return sft, save_reward_model(root / "reward", sft, tokenizer)
+
+
 def save_reward_model(path, base, tokenizer, seed=1):
     """A sequence-classification model on ``base`` with a seeded random head, as a reward stage would save it."""
     from transformers import AutoModelForSequenceClassification

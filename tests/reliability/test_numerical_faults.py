@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, write_jsonl
+from support import demo_rows, save_tiny_sft_and_reward, write_jsonl
 
 from rlhf.checkpoint import latest_checkpoint, read_manifest
 from rlhf.config import PPOConfig, load_config
@@ -18,9 +18,7 @@ from stages import ppo
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    tokenizer = plain_tokenizer()
-    sft = save_tiny_causal_lm(root / "sft", tokenizer)
-    rm = save_reward_model(root / "reward", sft, tokenizer)
+    sft, rm = save_tiny_sft_and_reward(root)
     prompts = write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", 40))
     return root, sft, rm, prompts
 

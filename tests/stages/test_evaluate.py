@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, write_jsonl
+from support import demo_rows, save_tiny_sft_and_reward, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import EvaluateConfig, PPOConfig, load_config
@@ -17,9 +17,7 @@ from stages import evaluate, ppo
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    tokenizer = plain_tokenizer()
-    sft = save_tiny_causal_lm(root / "sft", tokenizer)
-    rm = save_reward_model(root / "reward", sft, tokenizer)
+    sft, rm = save_tiny_sft_and_reward(root)
     prompts = write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", 40))
     held_out = write_jsonl(root / "held_out.jsonl", demo_rows("eval_prompts.jsonl", 40))
     out = ppo.run(load_config(PPOConfig, None, [

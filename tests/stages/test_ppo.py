@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, train_tokenizer, write_jsonl
+from support import (demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, save_tiny_sft_and_reward,
+                     train_tokenizer, write_jsonl)
 
 from rlhf.checkpoint import list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, load_config
@@ -26,9 +27,7 @@ METRIC_NAMES = ("rollout/score_mean", "rollout/kl", "rollout/response_len", "rol
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
-    tokenizer = plain_tokenizer()
-    sft = save_tiny_causal_lm(root / "sft", tokenizer)
-    rm = save_reward_model(root / "reward", sft, tokenizer)
+    sft, rm = save_tiny_sft_and_reward(root)
     prompts = demo_rows("prompts.jsonl", 80)
     eval_prompts = [r for r in demo_rows("eval_prompts.jsonl", 60) if r not in prompts][:12]
     return root, sft, rm, write_jsonl(root / "prompts.jsonl", prompts), write_jsonl(root / "eval.jsonl", eval_prompts)
