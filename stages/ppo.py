@@ -513,8 +513,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             sums = torch.zeros(8, dtype=torch.float64, device=device)
             optimizer_steps = 0
             seq_lengths = batch.rollout.attention_mask.sum(-1)
-            for epoch in range(cfg.ppo.ppo_epochs if bad is None else 0):
-                if bad is not None:
+            for epoch in range(cfg.ppo.ppo_epochs):
+                if bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
                     break
                 generator = torch.Generator().manual_seed(
                     sample_seed(cfg.seed, f"minibatch/{state.process_index}", update * cfg.ppo.ppo_epochs + epoch))
