@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rlhf.config import semantic_dict
-from rlhf.errors import CheckpointError
+from rlhf.errors import CheckpointError, storage_error
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
@@ -102,8 +102,11 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
     try:
         # mkstemp creates the file private (0600); give it the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -112,8 +115,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -233,8 +238,11 @@ def begin_output(output_dir: str | Path, *, resume: bool = False) -> Path:
     A fresh run also starts its logs afresh and drops the checkpoints of the run it replaces (a later resume must
     not continue that one); a resumed one appends to them."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path(out).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest_path(out).unlink(missing_ok=True)
+    except OSError as exc:
+        raise storage_error(out, exc) from exc
     if not resume:
         metrics_path(out).unlink(missing_ok=True)
         samples_path(out).unlink(missing_ok=True)

@@ -493,6 +493,20 @@ def parse_cli(cls: type[C], argv: Sequence[str] | None, *, default_config: str |
     return cfg
 
 
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
+def check_batch_divides(batch_size: int, micro_batch_size: int, *, prefix: str) -> None:
+    """The part of :func:`accumulation_steps` that holds for any number of processes, checked when the config loads
+    (before any data or model does)."""
+    if batch_size % micro_batch_size:
+        raise ConfigError(
+            f"{prefix}batch_size={batch_size} is not a multiple of {prefix}micro_batch_size={micro_batch_size}, so "
+            f"no number of processes splits it evenly; change {prefix}batch_size or {prefix}micro_batch_size"
+        )
+
+
 def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: int, *, prefix: str) -> int:
     """Micro-batches per optimiser step on each process for a global batch of ``batch_size``; the error names the
     keys (under ``prefix``) to change."""
@@ -500,7 +514,7 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: in
     if batch_size % per_step:
         raise ConfigError(
             f"{prefix}batch_size={batch_size} is not a multiple of {prefix}micro_batch_size={micro_batch_size} x "
-            f"{num_processes} processes; change {prefix}batch_size or {prefix}micro_batch_size"
+            f"{_processes(num_processes)}; change {prefix}batch_size or {prefix}micro_batch_size"
         )
     return batch_size // per_step
 
@@ -548,6 +562,7 @@ class PretrainConfig(StageConfig):
                              semantic=False)
 
     def validate(self) -> None:
+        check_batch_divides(self.batch_size, self.micro_batch_size, prefix="")
         if self.arch.n_embd % self.arch.n_head:
             raise ConfigError(
                 f"arch.n_head={self.arch.n_head} must divide arch.n_embd={self.arch.n_embd}; change one of them"
@@ -577,6 +592,9 @@ class TrainerConfig:
     eval_every: int = option(50, doc="Evaluate on the held-out split every N steps (and at the end).", ge=1,
                              semantic=False)
 
+    def validate(self) -> None:
+        check_batch_divides(self.batch_size, self.micro_batch_size, prefix="train.")
+
     def accumulation_steps(self, num_processes: int) -> int:
         """Micro-batches per optimiser step on each process, so that the global batch stays ``batch_size``."""
         return accumulation_steps(self.batch_size, self.micro_batch_size, num_processes, prefix="train.")
@@ -601,6 +619,7 @@ class SFTConfig(StageConfig):
     packing: bool = option(False, doc="Pack several examples into each sequence of data.max_length tokens.")
 
     def validate(self) -> None:
+        self.train.validate()
         if self.packing and self.data.max_length is None:
             raise ConfigError("packing=true needs data.max_length (the packed sequence length)")
 
@@ -633,6 +652,13 @@ class RewardConfig(StageConfig):
     def backbone_path(self) -> str:
         """The model to start from: ``model.name_or_path``, or this run's SFT output when that is empty."""
         return self.model.name_or_path or str(Path(self.run_dir) / "sft")
+
+    def validate(self) -> None:
+        self.train.validate()
+        if self.peft.method == "prefix":
+            # A prefix changes what the score head reads at every position; PPO could not score with it either.
+            raise ConfigError("peft.method=prefix is for the SFT stage only; use full, lora or partial for the reward "
+                              "model")
 
     def input_paths(self) -> dict[str, str]:
         return {"model": self.backbone_path, "tokenizer": self.model.tokenizer_name_or_path or "",
@@ -690,6 +716,10 @@ class PPOAlgoConfig:
     kl_estimator: Literal["k1", "k3"] = option("k1", doc="Per-token KL estimator in the reward.")
     kl_target: float | None = option(None, doc="Adaptive KL (Ziegler et al.): the KL per sequence to steer to.", gt=0)
     kl_horizon: float = option(10000.0, doc="Adaptive KL horizon in samples.", gt=0)
+    target_kl: float | None = option(
+        None, doc="Early stop within an update: when an epoch's mean approximate KL between the rollout policy and the "
+                  "updated one exceeds this, the update's remaining PPO epochs are skipped (ppo/epochs counts those "
+                  "run). None runs every epoch.", gt=0)
     whiten_advantages: bool = option(True, doc="Whiten advantages over the rollout batch (all processes).")
     whiten_rewards: bool = option(False, doc="Scale per-token rewards to unit variance before GAE.")
     max_bad_updates: int = option(
@@ -764,7 +794,7 @@ class PPOConfig(StageConfig):
         local = batch // num_processes
         if local % self.ppo.num_minibatches:
             raise ConfigError(
-                f"rollout.batch_size={batch} over {num_processes} processes gives {local} rollouts each, which "
+                f"rollout.batch_size={batch} over {_processes(num_processes)} gives {local} rollouts each, which "
                 f"ppo.num_minibatches={self.ppo.num_minibatches} does not divide; change one of them"
             )
         minibatch = local // self.ppo.num_minibatches
@@ -777,8 +807,15 @@ class PPOConfig(StageConfig):
         return local, minibatch, minibatch // micro
 
     def validate(self) -> None:
-        if self.peft.method == "prefix" or self.critic_peft.method == "prefix":
-            raise ConfigError("peft.method=prefix is not supported by PPO; use full, lora or partial")
+        for key, peft in (("peft", self.peft), ("critic_peft", self.critic_peft)):
+            if peft.method == "prefix":
+                raise ConfigError(f"{key}.method=prefix is not supported by PPO; use full, lora or partial")
+        if self.data.max_length is not None:
+            # Prompts are never dropped for their length here: they keep their last rollout.max_prompt_len tokens.
+            raise ConfigError(
+                f"data.max_length={self.data.max_length} has no effect in PPO; remove it and set "
+                "rollout.max_prompt_len (longer prompts keep their last tokens) and rollout.max_new_tokens instead"
+            )
 
     def input_paths(self) -> dict[str, str]:
         return {"model": self.policy_path, "tokenizer": self.model.tokenizer_name_or_path or "",

@@ -3,8 +3,8 @@
 ``python -m rlhf.launcher module:function [--config FILE] [key=value ...]`` runs any stage known by import path
 (``stages.sft:run`` or a user's ``mypkg.dpo:run``) the same way; the pipeline launches its stages through it.
 
-Errors the user can fix (``RLHFError``: bad config, bad data, missing inputs) print one message and exit with
-status 2, without a traceback; anything else is a bug and keeps its traceback.
+Errors the user can fix (``RLHFError``: bad config, bad data, missing inputs; running out of memory or disk) print
+one message and exit with status 2, without a traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rlhf.config import parse_cli
-from rlhf.errors import RLHFError
-from rlhf.signals import EXIT_INTERRUPTED, StageInterrupted
+from rlhf.config import field_paths, parse_cli
+from rlhf.errors import (RLHFError, is_out_of_memory, is_storage_failure, out_of_memory_advice,
+                         storage_error)
+from rlhf.signals import EXIT_INTERRUPTED, StageInterrupted, stop_with_launcher
 
 #: Exit status of a run stopped by a problem in its input, config or environment.
 EXIT_USER_ERROR = 2
@@ -42,6 +43,7 @@ def launch(
     from rlhf.tracking import setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
+    stop_with_launcher()
     try:
         cfg = parse_cli(config_cls, argv, default_config=default_config, prog=prog)
         setup_logging(cfg.logging.level, rank=rank)
@@ -50,12 +52,22 @@ def launch(
         sys.stderr.write(f"interrupted: {exc}\n")
         return EXIT_INTERRUPTED
     except RLHFError as exc:
-        logging.getLogger(prog).debug("stopped by a user-facing error", exc_info=True)
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_USER_ERROR
+        return _user_error(prog, exc)
+    except (OSError, RuntimeError, MemoryError) as exc:
+        if is_out_of_memory(exc):
+            return _user_error(prog, out_of_memory_advice(exc, field_paths(config_cls)))
+        if is_storage_failure(exc):
+            return _user_error(prog, storage_error(getattr(exc, "filename", None), exc))
+        raise
     if rank == 0:
         sys.stdout.write(f"{cfg.stage}: complete -> {output_dir}\n")
     return 0
+
+
+def _user_error(prog: str, error: Exception | str) -> int:
+    logging.getLogger(prog).debug("stopped by a user-facing error", exc_info=True)
+    sys.stderr.write(f"error: {error}\n")
+    return EXIT_USER_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from rlhf.config import ModelConfig, PeftConfig
 from rlhf.errors import CheckpointError, ConfigError
@@ -32,7 +33,11 @@ def describe_model_dir(path: str | Path) -> Literal["model", "lora_adapter", "pr
     p = Path(path)
     adapter = p / ADAPTER_CONFIG
     if adapter.is_file():
-        kind = json.loads(adapter.read_text(encoding="utf-8")).get("peft_type", "")
+        try:
+            kind = json.loads(adapter.read_text(encoding="utf-8")).get("peft_type", "")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{adapter} is not a readable adapter config (JSON object); save the adapter "
+                                  "again") from None
         return {"LORA": "lora_adapter", "PREFIX_TUNING": "prefix_adapter"}.get(kind, "adapter")
     if (p / "config.json").is_file():
         return "model"
@@ -58,6 +63,57 @@ def check_model_source(model: ModelConfig, *, key: str = "model.name_or_path") -
             f"{key}: {path} is not a model directory (no config.json or {ADAPTER_CONFIG}); point it at the output "
             "of a stage or a save_pretrained directory"
         )
+    if kind == "model" and not model.trust_remote_code and _needs_remote_code(p / "config.json"):
+        trust_key = key.rpartition(".")[0] + ".trust_remote_code"
+        raise CheckpointError(
+            f"{key}: {path} ships its own model code (auto_map in config.json for a model type transformers does "
+            f"not know), which runs only with {trust_key}=true; set that only if you trust the code in {path}"
+        )
+    for weights in sorted(p.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem is not None:
+            raise CheckpointError(
+                f"{key}: {weights} {problem}; the save or download was cut short or the file is damaged. Save or "
+                "download the model again"
+            )
+
+
+def _needs_remote_code(config_file: Path) -> bool:
+    """Whether loading the model of ``config_file`` would run code shipped with it: an ``auto_map`` for a model
+    type transformers has no class of its own for."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # from_pretrained reports an unreadable config with its own words
+    return bool(isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, or None: its header must be readable JSON and the file
+    exactly as long as the header says (8-byte header length, header, then the tensors' bytes). Reads the header
+    only, so a truncated file fails here, before a stage creates its output, rather than deep inside loading."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"is truncated ({size} bytes, not even a header)"
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            return f"is truncated: its header alone should be {header_len} bytes, the file has {size}"
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "has an unreadable header (not safetensors JSON)"
+    if not isinstance(header, dict):
+        return "has an unreadable header (not safetensors JSON)"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: its header describes {expected} bytes, the file has {size}"
+    return None
 
 
 def is_encoder(model_dir: str) -> bool:
@@ -86,7 +142,12 @@ def load_tokenizer(model: ModelConfig) -> Any:
         raise CheckpointError(f"cannot load a tokenizer from {source}: {exc}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(f"tokenizer of {source} has neither a pad nor an EOS token; give it a pad token")
+            # EOS is the stop token every response ends with (rlhf.text), so padding with it is the only fallback.
+            raise CheckpointError(
+                f"the tokenizer in {source} has neither a pad nor an EOS token, so responses can neither end nor be "
+                f"padded; set eos_token (and pad_token) in {Path(source) / 'tokenizer_config.json'}, or point "
+                "model.tokenizer_name_or_path at a tokenizer that has them"
+            )
         logger.warning("tokenizer of %s has no pad token; padding with EOS (%r)", source, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -123,6 +184,11 @@ def _from_pretrained(auto_cls: Any, model: ModelConfig, **extra: Any) -> Any:
         raise CheckpointError(
             f"cannot load a model from {source}: {exc}. If the weights are a .bin/.pt file, convert them to "
             "safetensors (only safetensors are loaded, so loading never runs pickled code)"
+        ) from None
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"cannot load the weights in {source}: {exc}; the safetensors file is damaged. Save or download the "
+            "model again"
         ) from None
     except ValueError as exc:
         raise CheckpointError(f"cannot load {source} as {auto_cls.__name__}: {exc}") from None

@@ -34,6 +34,7 @@ from rlhf.checkpoint import (compute_fingerprint, ensure_run_dir, fingerprint_pa
                              read_manifest)
 from rlhf.config import load_config, parse_override, read_yaml, semantic_dict
 from rlhf.errors import ConfigError, RLHFError, StageFailed
+from rlhf.signals import adopt_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -456,21 +457,39 @@ def stage_command(spec: StageSpec, overrides: Sequence[str]) -> list[str]:
 
 def launch_stage_process(spec: StageSpec, overrides: Sequence[str]) -> int:
     """Run a stage as its own ``accelerate launch`` process; SIGTERM sent to the pipeline is passed on to it, so it
-    saves a checkpoint and stops as it would when launched alone."""
+    saves a checkpoint and stops as it would when launched alone. accelerate's single-process launcher exits at
+    once on SIGTERM; the stage process then gets its own SIGTERM (`rlhf.signals.stop_with_launcher`) and this
+    process, which adopts it, waits for it and returns its exit status."""
     command = stage_command(spec, overrides)
     logger.info("%s: %s", spec.name, " ".join(command[1:]))
+    adopted = adopt_orphans()
     process = subprocess.Popen(command)
     forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
     previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
     try:
         while True:
             try:
-                return process.wait()
+                status = process.wait()
+                break
             except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it save its checkpoint and stop
                 continue
+        return _wait_for_adopted(status) if adopted else status
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_for_adopted(status: int) -> int:
+    """Wait for any process this one adopted because its launcher died first (Ctrl-C or SIGTERM stops
+    accelerate's launcher before the stage has saved); the exit status of the last of them, else ``status``."""
+    while True:
+        try:
+            _, raw = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return status
+        except InterruptedError:
+            continue
+        status = os.waitstatus_to_exitcode(raw)
 
 
 def _main_thread() -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from rlhf.errors import CheckpointError
 from rlhf.models import score_sequences
 from rlhf.text import PromptLike, RewardText, TextContract
 
@@ -30,6 +31,26 @@ def shares_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any) -> bool:
             and set(policy_contract.stop_token_ids) <= set(reward_contract.stop_token_ids))
 
 
+def check_vocabulary_fits(model: torch.nn.Module, tokenizer: Any, *, shares_tokens: bool) -> None:
+    """Raise CheckpointError when ``tokenizer`` (the one whose ids the reward model reads) has ids past the reward
+    model's embedding table, which would fail deep inside the first scoring pass (a device-side assert on GPU)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    largest = max([*tokenizer.get_vocab().values(), tokenizer.pad_token_id or 0])
+    if largest < rows:
+        return
+    where = getattr(model, "name_or_path", "") or "the reward model"
+    reads = ("the policy's token ids as they are (its tokenizer matches the policy's)" if shares_tokens
+             else "the ids of its own tokenizer")
+    raise CheckpointError(
+        f"reward_model.name_or_path: {where} has {rows} token embeddings, but it reads {reads}, which go up to "
+        f"{largest}; use a reward model trained on this tokenizer (the reward stage resizes the embeddings), or "
+        "resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it again"
+    )
+
+
 class RewardScorer:
     """A frozen reward model and the way it reads the policy's samples."""
 
@@ -41,6 +62,8 @@ class RewardScorer:
         self.text = RewardText.for_model(tokenizer, is_encoder=is_encoder)
         self.shares_tokens = not is_encoder and shares_tokenizer(policy_contract.tokenizer, tokenizer)
         self.batch_size = batch_size
+        check_vocabulary_fits(model, policy_contract.tokenizer if self.shares_tokens else tokenizer,
+                              shares_tokens=self.shares_tokens)
 
     def sequences(self, prompts: Sequence[PromptLike], prompt_ids: Sequence[Sequence[int]],
                   response_ids: Sequence[Sequence[int]]) -> list[list[int]]:

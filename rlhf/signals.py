@@ -1,12 +1,18 @@
 """Graceful stops: SIGTERM (sent by schedulers, ``accelerate launch`` and ``torchrun`` before they kill) asks the
-running stage to save a checkpoint at the next step boundary and exit with :data:`EXIT_INTERRUPTED`."""
+running stage to save a checkpoint at the next step boundary and exit with :data:`EXIT_INTERRUPTED`.
+
+``accelerate launch`` with one process exits on SIGTERM without passing it on; :func:`stop_with_launcher` asks the
+kernel to send the stage SIGTERM when its launcher dies, so the stage still saves its checkpoint and stops.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -83,8 +89,9 @@ def trainer_stop_callback(stop: StopRequest) -> Any:
 
 
 #: Fault injection for tests: ``RLHF_FAULT=<point>:<step>`` stops the run at that point of that step by raising
-#: :class:`InjectedFault`, as a kill would (nothing after it runs). Points: ``checkpoint_write`` (part-way through
-#: writing the checkpoint of that update: weights written, the rest not) and ``after_checkpoint`` (once it is complete).
+#: :class:`InjectedFault`, as a kill would (nothing after it runs); ``<point>:<step>:kill`` sends the process a real
+#: SIGKILL there instead. Points: ``checkpoint_write`` (part-way through writing the checkpoint of that step: weights
+#: written, the rest not) and ``after_checkpoint`` (once it is complete).
 #: Numerical faults (`fault_injected`): ``nan_scores`` (a NaN reward-model score) and ``nan_loss`` (a NaN loss) at
 #: update ``<step>``, or at every update from it on with ``<step>+``.
 FAULT_ENV = "RLHF_FAULT"
@@ -98,8 +105,11 @@ def fault_point(point: str, step: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return
-    name, _, at = spec.partition(":")
+    name, _, rest = spec.partition(":")
+    at, _, action = rest.partition(":")
     if name == point and at.isdigit() and int(at) == step:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"{FAULT_ENV}={spec}: stopped at {point} of step {step}")
 
 
@@ -111,3 +121,48 @@ def fault_injected(point: str, step: int) -> bool:
         return False
     first = int(at.rstrip("+"))
     return step >= first if at.endswith("+") else step == first
+
+
+#: Programs that start stage processes and are meant to outlive them.
+LAUNCHERS = frozenset({"accelerate", "accelerate.commands.launch", "torchrun", "torch.distributed.run"})
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def started_by_launcher(pid: int | None = None) -> bool:
+    """Whether the parent of this process (or the process ``pid``) is ``accelerate launch`` or ``torchrun``."""
+    try:
+        argv = Path(f"/proc/{pid or os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name in LAUNCHERS for arg in argv[:3])
+
+
+def stop_with_launcher() -> bool:
+    """Ask for SIGTERM when the launcher that started this process dies (Linux): the stage then saves a checkpoint
+    and stops instead of running on unsupervised. Returns whether the request was made."""
+    if not started_by_launcher():
+        return False
+    parent = os.getppid()
+    if not _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def adopt_orphans() -> bool:
+    """Make this process the one that inherits its grandchildren when their parent dies (Linux), so it can wait
+    for a stage whose launcher exited first and read the stage's own exit status."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)

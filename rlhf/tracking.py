@@ -542,5 +542,7 @@ def setup_logging(level: str | int = "INFO", rank: int = 0, world_size: int | No
     if _log_handler is None or _log_handler not in root.handlers:
         _log_handler = logging.StreamHandler(sys.stderr)
         root.addHandler(_log_handler)
+    elif _log_handler.stream is not sys.stderr:  # stderr was replaced (redirected, or captured by a test)
+        _log_handler.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
     _log_handler.setFormatter(formatter)
     root.setLevel(level)

@@ -6,7 +6,10 @@ An upstream rename breaks here and nowhere else. Everything the Trainer would lo
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ from typing import Any
 import torch
 
 from rlhf.checkpoint import checkpoints_dir
-from rlhf.signals import StageInterrupted
+from rlhf.errors import is_storage_failure, storage_error
+from rlhf.signals import FAULT_ENV, StageInterrupted, fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -61,22 +65,88 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
 
 
 def last_trainer_checkpoint(output_dir: Path) -> str | None:
-    """The newest ``checkpoints/checkpoint-N`` the Trainer wrote, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete ``checkpoints/checkpoint-N`` the Trainer wrote, or None. The Trainer writes a checkpoint
+    in place, ``trainer_state.json`` last; one without a readable state was cut short and does not count."""
+    complete = [step for step, path in _trainer_checkpoints(output_dir) if _trainer_state_step(path) == step]
+    return str(checkpoints_dir(output_dir) / f"{TRAINER_PREFIX}-{max(complete)}") if complete else None
 
+
+TRAINER_PREFIX = "checkpoint"
+
+
+def _trainer_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     root = checkpoints_dir(output_dir)
-    return get_last_checkpoint(str(root)) if root.is_dir() else None
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        prefix, _, step = path.name.partition("-")
+        if prefix == TRAINER_PREFIX and step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def _trainer_state_step(checkpoint: Path) -> int | None:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def drop_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Remove the Trainer checkpoints newer than the last complete one (a run killed while writing leaves one
+    behind; the Trainer would take it for the newest and fail to load it, or rotate the good one away)."""
+    newest = last_trainer_checkpoint(output_dir)
+    newest_step = int(Path(newest).name.partition("-")[2]) if newest else -1
+    dropped = [path for step, path in _trainer_checkpoints(output_dir) if step > newest_step]
+    for path in dropped:
+        logger.warning("removing %s: it was cut short while being written", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return dropped
+
+
+class _FaultPoints:
+    """``RLHF_FAULT`` points inside the Trainer's checkpointing (see `rlhf.signals.fault_point`):
+    ``checkpoint_write`` once the weights of checkpoint N are written and before its optimiser and state are,
+    ``after_checkpoint`` once it is complete."""
+
+    def __init__(self, trainer: Any) -> None:
+        from transformers import TrainerCallback
+
+        save_model = trainer.save_model
+
+        def save_model_then_fault(output_dir: str | None = None, _internal_call: bool = False) -> None:
+            save_model(output_dir, _internal_call=_internal_call)
+            if _internal_call:
+                fault_point("checkpoint_write", trainer.state.global_step)
+
+        class AfterSave(TrainerCallback):
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                fault_point("after_checkpoint", state.global_step)
+
+        trainer.save_model = save_model_then_fault
+        trainer.add_callback(AfterSave())
 
 
 def train_resumable(trainer: Any, *, stage: str, output_dir: Path, resume: bool, stop: Any) -> tuple[Any, float]:
     """Run ``trainer.train`` (from the newest checkpoint when ``resume``), and turn a stop request into
     :class:`rlhf.signals.StageInterrupted` once the Trainer has saved its checkpoint. Returns the train output and
     the training time in seconds."""
-    checkpoint = last_trainer_checkpoint(output_dir) if resume else None
+    if os.environ.get(FAULT_ENV):
+        _FaultPoints(trainer)
+    checkpoint = None
+    if resume:
+        drop_incomplete_checkpoints(output_dir)
+        checkpoint = last_trainer_checkpoint(output_dir)
     if checkpoint:
         logger.info("%s: resuming from %s", stage, checkpoint)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except (OSError, RuntimeError) as exc:
+        if is_storage_failure(exc):
+            raise storage_error(getattr(exc, "filename", None) or checkpoints_dir(output_dir), exc) from exc
+        raise
     if stop.requested:
         raise StageInterrupted(
             f"{stage} stopped by a signal at step {trainer.state.global_step}; the checkpoint is in "

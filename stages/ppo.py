@@ -178,7 +178,8 @@ def gathered_for_generation(accelerator: Any, model: torch.nn.Module) -> Iterato
         yield
 
 
-def load_prompts(cfg: PPOConfig, contract: TextContract) -> tuple[EvalPrompts, EvalPrompts]:
+def load_prompts(cfg: PPOConfig, contract: TextContract) -> tuple[EvalPrompts, EvalPrompts, dict[str, Any]]:
+    """The training and held-out prompts, encoded, and the dataset's statistics (rows dropped and why)."""
     data = prepare_dataset(
         cfg.data.path, "prompt", split=cfg.data.split, eval_path=cfg.data.eval_path, eval_split=cfg.data.eval_split,
         eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, prompt_marker=cfg.data.prompt_marker,
@@ -189,7 +190,7 @@ def load_prompts(cfg: PPOConfig, contract: TextContract) -> tuple[EvalPrompts, E
     train = [row["prompt"] for row in data.train]
     held_out = [row["prompt"] for row in data.eval][: cfg.eval.num_prompts]
     return (EvalPrompts(train, encode_prompts(contract, train, cfg.rollout.max_prompt_len)),
-            EvalPrompts(held_out, encode_prompts(contract, held_out, cfg.rollout.max_prompt_len)))
+            EvalPrompts(held_out, encode_prompts(contract, held_out, cfg.rollout.max_prompt_len)), data.stats)
 
 
 def prompt_order(seed: int, epoch: int, num_prompts: int) -> list[int]:
@@ -327,7 +328,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     contract = TextContract.from_tokenizer(tokenizer)
     reward_tokenizer = load_tokenizer(reward_cfg)
     reward_is_encoder = is_encoder(cfg.reward_path)
-    train_prompts, eval_prompts = load_prompts(cfg, contract)
+    train_prompts, eval_prompts, data_stats = load_prompts(cfg, contract)
     score_stats = load_score_stats(cfg)
     resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
     if resume_from is not None and state.is_main_process:
@@ -511,11 +512,19 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             t1 = time.perf_counter()
             unwrapped.train()
             sums = torch.zeros(8, dtype=torch.float64, device=device)
-            optimizer_steps = 0
+            optimizer_steps = epochs = 0
+            kl_before = sums[3].clone()
             seq_lengths = batch.rollout.attention_mask.sum(-1)
             for epoch in range(cfg.ppo.ppo_epochs):
                 if bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
                     break
+                if epochs and cfg.ppo.target_kl is not None:
+                    # The mean approximate KL of the last epoch (index 3 of sums), the same on every process.
+                    epoch_kl = accelerator.reduce(sums[3] - kl_before, "sum").item() / cfg.ppo.num_minibatches
+                    if epoch_kl > cfg.ppo.target_kl:
+                        break
+                kl_before = sums[3].clone()
+                epochs += 1
                 generator = torch.Generator().manual_seed(
                     sample_seed(cfg.seed, f"minibatch/{state.process_index}", update * cfg.ppo.ppo_epochs + epoch))
                 order = torch.randperm(local_batch, generator=generator).to(device)
@@ -565,8 +574,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             train_s = time.perf_counter() - t1
 
             # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.
-            num_minibatches = cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
-            sums = accelerator.reduce(sums, "sum") / num_minibatches
+            sums = accelerator.reduce(sums, "sum") / max(epochs * cfg.ppo.num_minibatches, 1)
             seq_kl = (kl_per_token(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
             per_sample = torch.stack([raw_scores, raw_scores * raw_scores, seq_kl, mask.sum(-1).float(),
                                       rollout.stopped.float(), scores,
@@ -589,7 +597,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 **{f"time/{name}": seconds for name, seconds in phase.items()},
                 # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
                 "perf/sampled_tokens": totals[6].item() * cfg.rollout.batch_size,
-                "ppo/optimizer_steps": optimizer_steps,
+                "ppo/optimizer_steps": optimizer_steps, "ppo/epochs": epochs,
                 "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
             }
             step = update + 1
@@ -651,7 +659,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         return stage.complete(summary, extra={"num_processes": state.num_processes, "critic_init": critic_source,
                                               "reference": "adapters disabled" if reference is None else "copy",
                                               "policy_saved_as": saved, "score_norm": score_stats,
-                                              "kl_coef_final": kl_ctl.value})
+                                              "kl_coef_final": kl_ctl.value, "data": data_stats})
 
 
 def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cfg: PPOConfig, tokenizer: Any,

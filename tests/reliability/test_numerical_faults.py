@@ -74,3 +74,16 @@ def test_too_many_bad_updates_in_a_row_stop_with_the_last_good_weights(models, m
 
     saved = load_file(checkpoint / "model.safetensors")  # policy and critic, as trained
     assert saved and all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_target_kl_stops_the_epochs_of_an_update_that_moved_too_far(models):
+    free = run(models, "all-epochs", "ppo.ppo_epochs=3")
+    capped = run(models, "kl-capped", "ppo.ppo_epochs=3", "ppo.target_kl=1e-6")
+    rows = {name: [r for r in read_metrics(out) if "ppo/epochs" in r] for name, out in
+            (("free", free), ("capped", capped))}
+    assert [r["ppo/epochs"] for r in rows["free"]] == [3, 3, 3, 3]
+    assert [r["ppo/optimizer_steps"] for r in rows["free"]] == [6, 6, 6, 6]
+    # The first epoch moves the policy by more than 1e-6 (the learning rate is large), so only it runs.
+    assert all(r["ppo/approx_kl"] > 1e-6 for r in rows["capped"])
+    assert [r["ppo/epochs"] for r in rows["capped"]] == [1, 1, 1, 1]
+    assert [r["ppo/optimizer_steps"] for r in rows["capped"]] == [2, 2, 2, 2]

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from rlhf import checkpoint as ck
-from rlhf.errors import CheckpointError
+from rlhf.errors import CheckpointError, StorageError
 
 
 def _complete(out, fingerprint="f" * 16, stage="sft"):
@@ -67,7 +67,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=f"cannot write {path}: No space left on device; free space"):
         ck.write_json_atomic(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind

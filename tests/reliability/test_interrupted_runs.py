@@ -1,0 +1,215 @@
+"""Interrupted runs under the real launchers.
+
+SIGTERM sent to ``accelerate launch`` or ``torchrun`` makes the stage save a checkpoint and exit with status 75;
+a SIGKILL at an exact point of checkpointing (``RLHF_FAULT=<point>:<step>:kill``) leaves the previous complete
+checkpoint and a stage marked incomplete, and a resumed run then ends where an uninterrupted one does: SFT and the
+reward model at the same step with losses within 1e-5, PPO bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, write_jsonl
+
+from rlhf.checkpoint import checkpoints_dir, list_checkpoints, read_manifest
+from rlhf.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from rlhf.launcher import REPO_ROOT, default_config_path
+from rlhf.signals import EXIT_INTERRUPTED, FAULT_ENV, adopt_orphans
+from rlhf.tracking import read_metrics
+from rlhf.trl_bridge import last_trainer_checkpoint
+from stages import ppo, reward, sft
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone"]
+LAUNCHERS = {"accelerate": ACCELERATE, "torchrun": TORCHRUN}
+STAGES = {"sft": (sft, SFTConfig), "reward": (reward, RewardConfig), "ppo": (ppo, PPOConfig)}
+
+pytestmark = pytest.mark.slow  # 12 launches of real launchers and the runs to compare with: about 8 minutes
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupted")
+    tokenizer = plain_tokenizer()
+    base = save_tiny_causal_lm(root / "base", tokenizer)
+    return {
+        "root": root,
+        "base": base,
+        "rm": save_reward_model(root / "rm", base, tokenizer),
+        "sft.jsonl": write_jsonl(root / "sft.jsonl", demo_rows("sft.jsonl", 64)),
+        "preferences.jsonl": write_jsonl(root / "preferences.jsonl", demo_rows("preferences.jsonl", 64)),
+        "prompts.jsonl": write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", 64)),
+        "eval.jsonl": write_jsonl(root / "eval.jsonl", demo_rows("eval_prompts.jsonl", 8)),
+    }
+
+
+def overrides(inputs, stage, name, steps):
+    common = [f"run_dir={inputs['root'] / name}", "logging.log_every=1"]
+    if stage == "ppo":
+        return common + [
+            f"model.name_or_path={inputs['base']}", f"reward_model.name_or_path={inputs['rm']}",
+            f"data.path={inputs['prompts.jsonl']}", f"data.eval_path={inputs['eval.jsonl']}", "rollout.batch_size=8",
+            "rollout.max_new_tokens=8", "rollout.score_norm=none", f"ppo.num_updates={steps}", "ppo.ppo_epochs=1",
+            "ppo.num_minibatches=1", "ppo.micro_batch_size=8", "eval.num_prompts=4", "eval.every=1000",
+            "eval.gold_judge=false", "checkpoint.save_every=2", "checkpoint.keep_last=2"]
+    data = inputs["sft.jsonl" if stage == "sft" else "preferences.jsonl"]
+    return common + [
+        f"model.name_or_path={inputs['base']}", f"data.path={data}", "data.eval_fraction=0", "data.max_length=256",
+        f"train.max_steps={steps}", "train.batch_size=8", "train.micro_batch_size=8", "optim.learning_rate=1e-3",
+        "checkpoint.save_every=2", "checkpoint.keep_last=2"]
+
+
+def named_run(inputs, stage, name, steps):
+    """The overrides of a run called ``name`` and its stage output directory."""
+    return overrides(inputs, stage, name, steps), inputs["root"] / name / stage
+
+
+def resume_and_compare(stage, args, straight_out):
+    resumed = run_in_process(stage, [*args, "checkpoint.resume=true"])
+    assert read_manifest(resumed) is not None
+    assert_same_end(stage, resumed, straight_out)
+
+
+def launch(launcher, stage, args, env=None):
+    command = [*LAUNCHERS[launcher], str(REPO_ROOT / "launch" / f"{stage}.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+
+
+def run_in_process(stage, args):
+    module, config_cls = STAGES[stage]
+    default = default_config_path("ppo") if stage == "ppo" else None  # what the PPO launcher starts from
+    return module.run(load_config(config_cls, default, args))
+
+
+def wait_for_step(metrics: Path, step: int, proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        if metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(metrics)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def adopted_exit_statuses():
+    statuses = []
+    while True:
+        try:
+            _, raw = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return statuses
+        statuses.append(os.waitstatus_to_exitcode(raw))
+
+
+def saved_steps(stage, out):
+    if stage == "ppo":
+        return list_checkpoints(out)
+    newest = last_trainer_checkpoint(out)
+    return [int(Path(newest).name.split("-")[1])] if newest else []
+
+
+def final_losses(stage, out):
+    if stage == "ppo":
+        return {part: load_file(out / part / "model.safetensors") for part in ("policy", "value")}
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    return {"step": rows[-1]["step"], "loss": rows[-1]["train/loss"]}
+
+
+def assert_same_end(stage, resumed, straight):
+    a, b = final_losses(stage, resumed), final_losses(stage, straight)
+    if stage == "ppo":  # bitwise
+        for part in a:
+            assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    else:
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def straight(inputs):
+    """Uninterrupted runs to compare with, one per stage, built on first use."""
+    cache = {}
+
+    def get(stage, steps):
+        if (stage, steps) not in cache:
+            cache[stage, steps] = run_in_process(stage, overrides(inputs, stage, f"straight-{stage}-{steps}", steps))
+        return cache[stage, steps]
+
+    return get
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_stage_exits_75(inputs, straight, stage, launcher):
+    steps = 40
+    args, out = named_run(inputs, stage, f"term-{launcher}-{stage}", steps)
+    assert adopt_orphans()  # so that this test can read the exit status of a stage whose launcher exited first
+    proc = launch(launcher, stage, args)
+    wait_for_step(out / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only, as `kill <pid>` or a scheduler's first signal does
+    stderr = proc.communicate(timeout=300)[1]  # the pipe closes when the stage process has exited too
+    assert "interrupted:" in stderr and "checkpoint.resume=true" in stderr, stderr[-3000:]
+    assert not any(f'File "{REPO_ROOT / part}' in stderr for part in ("rlhf", "stages", "launch")), stderr[-3000:]
+    if launcher == "accelerate":  # it exits on SIGTERM at once; the stage, adopted here, stops on its own
+        assert proc.returncode == -signal.SIGTERM
+        assert adopted_exit_statuses() == [EXIT_INTERRUPTED]
+    else:  # torchrun passes SIGTERM on, waits for its worker and then reports the signal itself
+        assert proc.returncode != 0
+    assert read_manifest(out) is None  # incomplete: nothing downstream may take it
+    assert 3 <= saved_steps(stage, out)[-1] < steps
+    resume_and_compare(stage, args, straight(stage, steps))
+
+
+@pytest.mark.parametrize("point", ["checkpoint_write", "after_checkpoint"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_sigkill_at_a_checkpoint_keeps_the_previous_one_and_resume_matches(inputs, straight, stage, point):
+    steps = 8
+    args, out = named_run(inputs, stage, f"kill-{point}-{stage}", steps)
+    proc = launch("accelerate", stage, args, env={FAULT_ENV: f"{point}:4:kill"})
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0, stderr[-3000:]
+    assert read_manifest(out) is None
+    # Killed part-way through writing checkpoint 4, checkpoint 2 is the newest complete one.
+    assert saved_steps(stage, out)[-1] == (4 if point == "after_checkpoint" else 2)
+    if point == "checkpoint_write":
+        assert any(p.name.endswith("4") for p in checkpoints_dir(out).iterdir())  # the cut-short one is there
+    resume_and_compare(stage, args, straight(stage, steps))
+
+
+def test_sigterm_to_rlhf_run_stops_the_stage_and_reports_its_75(inputs):
+    """`rlhf run` passes SIGTERM to the stage's `accelerate launch`, which exits at once; the stage still saves its
+    checkpoint, and the pipeline waits for it and exits with its status."""
+    import json
+
+    root = inputs["root"] / "pipeline"
+    root.mkdir()
+    args = [a for a in overrides(inputs, "sft", "unused", 40) if not a.startswith("run_dir=")]
+    spec = root / "pipeline.yaml"
+    spec.write_text("\n".join([
+        "name: cut", f"run_dir: {root / 'run'}", "stages:", "  sft:",
+        f"    config: {REPO_ROOT / 'configs' / 'sft' / 'demo.yaml'}",
+        f"    accelerate_config: {REPO_ROOT / 'configs' / 'accelerate' / 'cpu.yaml'}",
+        f"    overrides: {json.dumps(args)}"]) + "\n")
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "pipeline.py"), "--config", str(spec)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=root, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    out = root / "run" / "sft"
+    wait_for_step(out / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert "interrupted:" in stderr and "--resume" in stderr, stderr[-3000:]
+    assert read_manifest(out) is None and last_trainer_checkpoint(out) is not None
