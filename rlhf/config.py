@@ -591,6 +591,9 @@ class TrainerConfig:
     micro_batch_size: int = option(8, doc="Examples per forward pass on one process.", ge=1, semantic=False)
     eval_every: int = option(50, doc="Evaluate on the held-out split every N steps (and at the end).", ge=1,
                              semantic=False)
+    group_by_length: bool = option(
+        False, doc="Batch examples of similar length together (shuffled in groups of 50 batches), so less compute "
+                   "goes to padding; batches are then less random.")
 
     def validate(self) -> None:
         check_batch_divides(self.batch_size, self.micro_batch_size, prefix="train.")

@@ -302,12 +302,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
                     batch_size: int = 64) -> torch.Tensor:
-    """Scores of token-id sequences, right-padded in batches; the head reads the last real token. [N] float32."""
+    """Scores of token-id sequences, right-padded in batches of similar lengths (less padding); the head reads the
+    last real token. [N] float32, in the order of ``sequences``."""
     model.eval()
     device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = []
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+        chunk = [sequences[i] for i in order[start:start + batch_size]]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -316,4 +318,8 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
             mask[i, :len(seq)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         scores.append(logits[:, 0].float().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
+    if not scores:
+        return torch.zeros(0)
+    result = torch.empty(len(sequences))
+    result[torch.tensor(order)] = torch.cat(scores)
+    return result

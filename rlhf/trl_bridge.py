@@ -58,6 +58,8 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
         "fp16": cfg.model.dtype == "float16",
         "activation_checkpointing": cfg.model.gradient_checkpointing,
         "dataloader_num_workers": 0,
+        # Lengths come from a "length" column when the stage adds one, else from input_ids.
+        "train_sampling_strategy": "group_by_length" if train.group_by_length else "random",
         # Without an accelerator the Trainer must be told, or it refuses bf16 instead of using the CPU's.
         "use_cpu": torch.accelerator.current_accelerator() is None,
         "save_only_model": False,

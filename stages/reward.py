@@ -47,6 +47,7 @@ def backbone_model_config(cfg: RewardConfig) -> ModelConfig:
 def encode_pair(text: RewardText, row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"chosen_ids": text.ids(row["prompt"], row["chosen"]),
                            "rejected_ids": text.ids(row["prompt"], row["rejected"])}
+    out["length"] = max(len(out["chosen_ids"]), len(out["rejected_ids"]))  # for train.group_by_length
     if "margin" in row:
         out["margin"] = float(row["margin"])
     return out
@@ -70,6 +71,8 @@ def trl_args(cfg: RewardConfig, output_dir: Path, num_processes: int, has_eval: 
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         disable_dropout=True,
         dataset_num_proc=None,
+        # Our rows hold only what the collator reads plus "length" (train.group_by_length), which must stay.
+        remove_unused_columns=False,
     )
 
 

@@ -112,3 +112,37 @@ def test_margin_column_enters_the_loss(setup, tmp_path):
              for name, d in (("plain", plain), ("margin", with_margin))}
     # -log sigmoid(r_c - r_r - m) with m = 2 is larger than without a margin on the same first batch.
     assert first["margin"] > first["plain"] + 1.0
+
+
+def test_group_by_length_batches_pairs_of_similar_length(setup, monkeypatch):
+    from transformers import trainer_pt_utils
+
+    root, model, data = setup
+    seen = []
+    sample = trainer_pt_utils.LengthGroupedSampler.__iter__
+
+    def spy(self):
+        order = list(sample(self))
+        seen.append((order, list(self.lengths)))
+        return iter(order)
+
+    monkeypatch.setattr(trainer_pt_utils.LengthGroupedSampler, "__iter__", spy)
+    # transformers sorts groups of up to 50 batches, at most a quarter of the data: batches of 4 make groups of 20.
+    out = reward.run(_cfg(root, model, data, "grouped", "train.group_by_length=true", "train.batch_size=4",
+                          "train.micro_batch_size=4"))
+    assert read_manifest(out) is not None and seen
+    order, lengths = seen[0]
+    batches = [order[i:i + 4] for i in range(0, len(order) - 3, 4)]
+    spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
+    assert spread < 0.5 * (max(lengths) - min(lengths))  # random batches would span nearly the whole range
+
+
+def test_scores_come_back_in_the_order_of_the_sequences(setup):
+    from transformers import AutoModelForSequenceClassification
+
+    root, model, _ = setup
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    sequences = [[5 + (i % 7)] * (3 + (i * 5) % 17) for i in range(40)]
+    batched = score_sequences(scorer, sequences, pad_token_id=0, batch_size=8)
+    one_by_one = torch.cat([score_sequences(scorer, [s], pad_token_id=0) for s in sequences])
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
