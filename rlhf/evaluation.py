@@ -15,6 +15,7 @@ import torch
 from rlhf.ppo.rollout import GenerationSettings, generate, policy_forward
 from rlhf.ppo.sampling import sample_uniforms
 from rlhf.scoring import RewardScorer
+from rlhf.signals import StageInterrupted
 from rlhf.text import PromptLike, TextContract
 
 #: log-probs of the last R tokens of (input_ids, attention_mask) under some model: the reference.
@@ -49,18 +50,23 @@ def evaluate_policy(
     batch_size: int = 64,
     gold_judge: bool = False,
     progress: str | None = None,
+    stop: Any = None,
 ) -> list[dict[str, Any]]:
     """One record per prompt index: prompt, response text, reward-model score, KL to the reference (sum over the
     response's tokens of log p - log p_ref, at the sampling temperature), length, whether it stopped, and with
     ``gold_judge`` the demo judge's reading. Samples use the "eval" random stream, so the same prompt index gets the
     same uniforms in every evaluation and on any number of processes. ``progress``: the label of a progress bar (give
-    it on the main process only)."""
+    it on the main process only). ``stop``: a `rlhf.signals.StopRequest`, checked before each batch on every
+    process; a stop raises `rlhf.signals.StageInterrupted` (nothing is kept: evaluation has no checkpoints)."""
     from tqdm.auto import tqdm
 
     contract = scorer.policy_contract
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(indices), desc=progress, unit="prompt", leave=False, disable=progress is None)
     for start in range(0, len(indices), batch_size):
+        if stop is not None and stop.agreed(device):
+            raise StageInterrupted(f"evaluation stopped by a signal after {start} of {len(indices)} prompts; it "
+                                   "keeps no partial results, so rerun the stage")
         chunk = list(indices[start:start + batch_size])
         ids = [prompts.prompt_ids[i] for i in chunk]
         uniforms = sample_uniforms(seed, "eval", chunk, settings.max_new_tokens)

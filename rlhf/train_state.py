@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.checkpoint import write_bytes_atomic, write_text_atomic
+from rlhf.checkpoint import (CHECKPOINT_STATE, checkpoint_dir, prune_checkpoints, write_bytes_atomic, write_json_atomic,
+                             write_text_atomic)
+from rlhf.signals import fault_point
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
@@ -91,3 +93,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(output_dir: str | Path, step: int, parts: dict[str, Any], *, keep_last: int) -> Path:
+    """``checkpoints/step_<step>/``: each of ``parts`` (name -> state) through :func:`save_state`, then
+    ``checkpoint.json`` last, so a checkpoint cut short is never taken for a complete one; then all but the newest
+    ``keep_last`` are removed. ``RLHF_FAULT=checkpoint_write:<step>`` stops it before its last part is written."""
+    directory = checkpoint_dir(output_dir, step)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CHECKPOINT_STATE).unlink(missing_ok=True)
+    names = list(parts)
+    for i, name in enumerate(names):
+        if i == len(names) - 1:
+            fault_point("checkpoint_write", step)
+        save_state(directory, name, parts[name])
+    write_json_atomic(directory / CHECKPOINT_STATE, {"step": step, "complete": True})
+    prune_checkpoints(output_dir, keep_last)
+    return directory

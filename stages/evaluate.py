@@ -22,6 +22,7 @@ from rlhf.models import check_model_source, is_encoder, load_causal_lm, load_seq
 from rlhf.ppo.rollout import GenerationSettings, policy_forward
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.scoring import RewardScorer
+from rlhf.signals import StopRequest
 from rlhf.text import TextContract
 
 Config = EvaluateConfig
@@ -76,7 +77,8 @@ def run(cfg: EvaluateConfig) -> Path:
     temperature = settings.temperature or 1.0
     use_gold = cfg.gold_judge and all(isinstance(p, str) for p in texts)
 
-    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage:
+    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
+            StopRequest() as stop:
         # 2. Models, frozen: the SFT policy doubles as the reference.
         device = state.device
         sft = load_causal_lm(sft_cfg).to(device).eval()
@@ -95,7 +97,7 @@ def run(cfg: EvaluateConfig) -> Path:
         for name, policy in (("sft", sft), ("ppo", ppo)):
             records = evaluate_policy(policy, reference, scorer, prompts, indices, settings, seed=cfg.seed,
                                       device=device, batch_size=cfg.batch_size, gold_judge=use_gold,
-                                      progress=f"evaluate {name}" if state.is_main_process else None)
+                                      progress=f"evaluate {name}" if state.is_main_process else None, stop=stop)
             results[name] = sorted(gather_object(records), key=lambda r: r["index"])
 
         # 4. Summaries, pairwise win rates, the sample table, eval.json.

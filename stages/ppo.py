@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rlhf.checkpoint import (
+    CHECKPOINT_STATE,
     REWARD_STATS_FILE,
     checkpoint_dir,
     latest_checkpoint,
     output_dir_of,
-    prune_checkpoints,
     read_json,
     require_complete,
     truncate_logs,
@@ -61,7 +61,7 @@ from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
 from rlhf.text import TextContract
 from rlhf.tracking import read_metrics
-from rlhf.train_state import load_state, rng_state, save_state, set_rng_state
+from rlhf.train_state import load_state, rng_state, set_rng_state, write_checkpoint
 
 Config = PPOConfig
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
     if resume_from is not None and state.is_main_process:
         # The resumed run rewrites what came after its checkpoint; the logs must not hold those rows twice.
-        truncate_logs(resume_from.parent.parent, after_step=read_json(resume_from / "checkpoint.json")["step"])
+        truncate_logs(resume_from.parent.parent, after_step=read_json(resume_from / CHECKPOINT_STATE)["step"])
     state.wait_for_everyone()
     settings = GenerationSettings(
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
@@ -752,20 +752,18 @@ def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int
     directory = checkpoint_dir(output_dir, step)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "checkpoint.json").unlink(missing_ok=True)
+        (directory / CHECKPOINT_STATE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if is_deepspeed(accelerator):
         prepared.save_checkpoint(str(directory / "deepspeed"), tag="state")  # a collective
     if accelerator.is_main_process:
         trainer: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng": rng_state(),
                                    "kl_controller": kl_ctl.state_dict(), "score_stats": score_stats, "update": step}
+        parts = {}
         if not is_deepspeed(accelerator):
-            save_state(directory, MODEL_STATE, dict(unwrapped.state_dict()))
+            parts[MODEL_STATE] = dict(unwrapped.state_dict())
             trainer["optimizer"] = inner_optimizer(optimizer).state_dict()
-        fault_point("checkpoint_write", step)
-        save_state(directory, TRAINER_STATE, trainer)
-        write_json_atomic(directory / "checkpoint.json", {"step": step, "update": step, "complete": True})
-        prune_checkpoints(output_dir, keep_last)
+        write_checkpoint(output_dir, step, {**parts, TRAINER_STATE: trainer}, keep_last=keep_last)
         logger.info("ppo: checkpoint %s", directory)
     accelerator.wait_for_everyone()
     fault_point("after_checkpoint", step)

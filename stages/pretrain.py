@@ -17,9 +17,12 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from rlhf.checkpoint import CHECKPOINT_STATE, checkpoint_dir, latest_checkpoint, output_dir_of, read_json, truncate_logs
 from rlhf.config import PretrainConfig
 from rlhf.data import prepare_dataset
 from rlhf.runtime import StageRun
+from rlhf.signals import StageInterrupted, StopRequest, fault_point
+from rlhf.train_state import load_state, rng_state, set_rng_state, write_checkpoint
 
 Config = PretrainConfig
 logger = logging.getLogger(__name__)
@@ -175,15 +178,32 @@ def _forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> float:
+    """Mean held-out loss. The random numbers it draws (the mlm collator's masks) leave training's stream as it was,
+    so how often it runs never changes what training does."""
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    for batch in loader:
-        loss = model(**batch).loss
-        total += loss.detach().float()
-        count += 1
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            loss = model(**batch).loss
+            total += loss.detach().float()
+            count += 1
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     model.train()
     return (total / count.clamp(min=1)).item()
+
+
+def restore(directory: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+            next_step_batches: Any) -> tuple[int, float]:
+    """Load a checkpoint's weights, optimiser and schedule, move the data stream past the steps it had trained
+    (drawing the same batches again), then restore the random state. Returns (step, the run's first loss)."""
+    trainer = load_state(directory, "trainer")
+    model.load_state_dict(load_state(directory, "model"))
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    for _ in range(trainer["step"]):
+        next_step_batches()
+    set_rng_state(trainer["rng"])
+    return int(trainer["step"]), float(trainer["first_loss"])
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -202,8 +222,14 @@ def run(cfg: PretrainConfig) -> Path:
     )
     train_texts = [row["text"] for row in data.train]
     eval_texts = [row["text"] for row in data.eval]
+    resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
+    if resume_from is not None and accelerator.is_main_process:
+        # The resumed run rewrites what came after its checkpoint; the logs must not hold those rows twice.
+        truncate_logs(resume_from.parent.parent, after_step=read_json(resume_from / CHECKPOINT_STATE)["step"])
+    accelerator.wait_for_everyone()
 
-    with StageRun(cfg, rank=accelerator.process_index, is_main_process=accelerator.is_main_process) as stage:
+    with StageRun(cfg, rank=accelerator.process_index, is_main_process=accelerator.is_main_process) as stage, \
+            StopRequest() as stop:
         # 1. Tokenizer and model from scratch.
         tokenizer = train_tokenizer(train_texts, cfg)
         model = build_model(cfg, tokenizer)
@@ -227,13 +253,19 @@ def run(cfg: PretrainConfig) -> Path:
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
 
-        # 4. Train.
+        # 4. Train (from a checkpoint: the tokenizer and the data order are rebuilt the same from the seed).
         started = time.perf_counter()
         model.train()
         batches = _forever(train_loader)
         first_loss = last_loss = float("nan")
         eval_loss = float("nan")
-        progress = tqdm(range(cfg.max_steps), desc="pretrain", disable=not accelerator.is_main_process)
+        start = 0
+        if resume_from is not None:
+            start, first_loss = restore(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
+                                        lambda: [next(batches) for _ in range(accumulation)])
+            logger.info("pretrain: resumed from %s (step %d)", resume_from, start)
+        progress = tqdm(range(start, cfg.max_steps), desc="pretrain", initial=start, total=cfg.max_steps,
+                        disable=not accelerator.is_main_process)
         for step in progress:
             step_loss = torch.zeros((), device=accelerator.device)
             for _ in range(accumulation):
@@ -255,6 +287,21 @@ def run(cfg: PretrainConfig) -> Path:
             if eval_loader is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 eval_loss = evaluate_loss(model, eval_loader, accelerator)
                 stage.tracker.log({"eval/loss": eval_loss}, step=done)
+            stopping = stop.agreed(accelerator.device) and done < cfg.max_steps
+            if stopping or (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0
+                            and done < cfg.max_steps):
+                if accelerator.is_main_process:
+                    write_checkpoint(stage.output_dir, done, {
+                        "model": dict(accelerator.unwrap_model(model).state_dict()),
+                        "trainer": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "rng": rng_state(), "step": done, "first_loss": first_loss}},
+                        keep_last=cfg.checkpoint.keep_last)
+                accelerator.wait_for_everyone()
+                fault_point("after_checkpoint", done)
+            if stopping:
+                raise StageInterrupted(f"pretrain stopped by a signal at step {done}; the checkpoint is in "
+                                       f"{checkpoint_dir(stage.output_dir, done)}. Rerun with checkpoint.resume=true "
+                                       "to continue")
 
         # 5. Save the unwrapped model and the tokenizer, then the manifest.
         accelerator.wait_for_everyone()

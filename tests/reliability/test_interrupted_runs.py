@@ -21,18 +21,21 @@ from safetensors.torch import load_file
 from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, write_jsonl
 
 from rlhf.checkpoint import checkpoints_dir, list_checkpoints, read_manifest
-from rlhf.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from rlhf.config import PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhf.launcher import REPO_ROOT, default_config_path
 from rlhf.signals import EXIT_INTERRUPTED, FAULT_ENV, adopt_orphans
 from rlhf.tracking import read_metrics
 from rlhf.trl_bridge import last_trainer_checkpoint
-from stages import ppo, reward, sft
+from stages import ppo, pretrain, reward, sft
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone"]
 LAUNCHERS = {"accelerate": ACCELERATE, "torchrun": TORCHRUN}
-STAGES = {"sft": (sft, SFTConfig), "reward": (reward, RewardConfig), "ppo": (ppo, PPOConfig)}
+STAGES = {"pretrain": (pretrain, PretrainConfig), "sft": (sft, SFTConfig), "reward": (reward, RewardConfig),
+          "ppo": (ppo, PPOConfig)}
+#: Stages whose checkpoints are ours (checkpoints/step_N); the others' are the Trainer's (checkpoint-N).
+OWN_CHECKPOINTS = ("pretrain", "ppo")
 
 pytestmark = pytest.mark.slow  # 12 launches of real launchers and the runs to compare with: about 8 minutes
 
@@ -50,11 +53,19 @@ def inputs(tmp_path_factory):
         "preferences.jsonl": write_jsonl(root / "preferences.jsonl", demo_rows("preferences.jsonl", 64)),
         "prompts.jsonl": write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", 64)),
         "eval.jsonl": write_jsonl(root / "eval.jsonl", demo_rows("eval_prompts.jsonl", 8)),
+        "corpus.jsonl": write_jsonl(root / "corpus.jsonl", demo_rows("corpus.jsonl", 400)),
     }
 
 
 def overrides(inputs, stage, name, steps):
     common = [f"run_dir={inputs['root'] / name}", "logging.log_every=1"]
+    if stage == "pretrain":
+        return common + [  # output_dir too: the demo config writes the bundled base model
+            f"output_dir={inputs['root'] / name / 'pretrain'}", f"data.path={inputs['corpus.jsonl']}",
+            "tokenizer.vocab_size=300",
+            "arch.n_layer=2", "arch.n_embd=32", "arch.n_head=2", "seq_len=64", f"max_steps={steps}",
+            "batch_size=8", "micro_batch_size=8", "eval_every=1000", "checkpoint.save_every=2",
+            "checkpoint.keep_last=2"]
     if stage == "ppo":
         return common + [
             f"model.name_or_path={inputs['base']}", f"reward_model.name_or_path={inputs['rm']}",
@@ -89,7 +100,8 @@ def launch(launcher, stage, args, env=None):
 
 def run_in_process(stage, args):
     module, config_cls = STAGES[stage]
-    default = default_config_path("ppo") if stage == "ppo" else None  # what the PPO launcher starts from
+    # What the launchers start from: PPO and pretrain read their demo config unless given another.
+    default = default_config_path(stage) if stage in OWN_CHECKPOINTS else None
     return module.run(load_config(config_cls, default, args))
 
 
@@ -115,22 +127,23 @@ def adopted_exit_statuses():
 
 
 def saved_steps(stage, out):
-    if stage == "ppo":
+    if stage in OWN_CHECKPOINTS:
         return list_checkpoints(out)
     newest = last_trainer_checkpoint(out)
     return [int(Path(newest).name.split("-")[1])] if newest else []
 
 
 def final_losses(stage, out):
-    if stage == "ppo":
-        return {part: load_file(out / part / "model.safetensors") for part in ("policy", "value")}
+    if stage in OWN_CHECKPOINTS:
+        parts = ("policy", "value") if stage == "ppo" else (".",)
+        return {part: load_file(out / part / "model.safetensors") for part in parts}
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     return {"step": rows[-1]["step"], "loss": rows[-1]["train/loss"]}
 
 
 def assert_same_end(stage, resumed, straight):
     a, b = final_losses(stage, resumed), final_losses(stage, straight)
-    if stage == "ppo":  # bitwise
+    if stage in OWN_CHECKPOINTS:  # bitwise
         for part in a:
             assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     else:
@@ -152,7 +165,7 @@ def straight(inputs):
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
 def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_stage_exits_75(inputs, straight, stage, launcher):
     steps = 40
     args, out = named_run(inputs, stage, f"term-{launcher}-{stage}", steps)

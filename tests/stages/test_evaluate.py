@@ -60,3 +60,27 @@ def test_a_policy_against_itself_ties_everywhere(setup):
 
 def test_win_rate_counts_ties_as_half():
     assert evaluate.win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_sigterm_stops_evaluation_before_its_next_batch_and_keeps_nothing(setup, monkeypatch):
+    import signal
+
+    from rlhf import evaluation
+    from rlhf.signals import StageInterrupted
+
+    _, _, _, ppo_out, _ = setup
+    generate = evaluation.generate
+    calls = []
+
+    def generate_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)  # as a scheduler would, during the first batch
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", generate_then_signal)
+    with pytest.raises(StageInterrupted, match="after 4 of 12 prompts; it keeps no partial results"):
+        evaluate.run(_cfg(setup, "stopped", ppo_out / "policy", "batch_size=4"))
+    assert len(calls) == 1
+    out = setup[0] / "stopped" / "evaluate"
+    assert read_manifest(out) is None and not (out / evaluate.EVAL_FILE).exists()

@@ -29,13 +29,13 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _config(tmp_path, corpus, objective, steps):
+def _config(tmp_path, corpus, objective, steps, *extra):
     return load_config(PretrainConfig, None, [
         f"objective={objective}", f"output_dir={tmp_path / objective}", f"run_dir={tmp_path}",
         f"data.path={corpus}", "data.eval_fraction=0.05", "tokenizer.vocab_size=300", "tokenizer.min_frequency=1",
         "arch.n_layer=2", "arch.n_embd=32", "arch.n_head=2", "arch.n_positions=32", "seq_len=32",
         f"max_steps={steps}", "batch_size=16", "micro_batch_size=8", "optim.learning_rate=3e-3",
-        "logging.log_every=5", "eval_every=1000",
+        "logging.log_every=5", "eval_every=1000", *extra,
     ])
 
 
@@ -91,3 +91,33 @@ def test_rerun_with_same_config_reproduces_weights(tmp_path, corpus):
     second = load_file(pretrain.run(cfg) / "model.safetensors")
     assert read_manifest(tmp_path / "clm")["fingerprint"] == fingerprint
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(("objective", "fault"), [("clm", "checkpoint_write:6"), ("mlm", "after_checkpoint:6")])
+def test_resume_after_a_stop_ends_bitwise_where_an_uninterrupted_run_does(tmp_path, corpus, monkeypatch, objective,
+                                                                        fault):
+    from safetensors.torch import load_file
+
+    from rlhf.checkpoint import list_checkpoints
+    from rlhf.signals import FAULT_ENV, InjectedFault
+
+    def cfg(name, *extra):
+        return _config(tmp_path / name, corpus, objective, 10, "logging.log_every=1", "eval_every=5",
+                       "checkpoint.save_every=3", *extra)
+
+    straight = pretrain.run(cfg("straight"))
+    monkeypatch.setenv(FAULT_ENV, fault)
+    with pytest.raises(InjectedFault):
+        pretrain.run(cfg("cut"))
+    cut = tmp_path / "cut" / objective
+    assert read_manifest(cut) is None
+    assert list_checkpoints(cut)[-1] == (6 if fault.startswith("after") else 3)
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = pretrain.run(cfg("cut", "checkpoint.resume=true"))
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    def rows(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time")} for r in read_metrics(out / "metrics.jsonl")]
+
+    assert rows(straight) == rows(resumed)
