@@ -463,6 +463,7 @@ def launch_stage_process(spec: StageSpec, overrides: Sequence[str]) -> int:
     command = stage_command(spec, overrides)
     logger.info("%s: %s", spec.name, " ".join(command[1:]))
     adopted = adopt_orphans()
+    earlier = _children() if adopted else set()
     process = subprocess.Popen(command)
     forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
     previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
@@ -473,23 +474,37 @@ def launch_stage_process(spec: StageSpec, overrides: Sequence[str]) -> int:
                 break
             except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it save its checkpoint and stop
                 continue
-        return _wait_for_adopted(status) if adopted else status
+        return _wait_for_adopted(status, earlier) if adopted else status
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _wait_for_adopted(status: int) -> int:
-    """Wait for any process this one adopted because its launcher died first (Ctrl-C or SIGTERM stops
-    accelerate's launcher before the stage has saved); the exit status of the last of them, else ``status``."""
-    while True:
+def _children() -> set[int]:
+    """The pids of this process's children, from /proc (Linux)."""
+    own, found = str(os.getpid()), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            _, raw = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return status
-        except InterruptedError:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        status = os.waitstatus_to_exitcode(raw)
+        if len(fields) > 1 and fields[1] == own:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _wait_for_adopted(status: int, earlier: set[int]) -> int:
+    """Wait for the processes this one adopted because their launcher died first (Ctrl-C or SIGTERM stops
+    accelerate's launcher before the stage has saved); the exit status of the last of them, else ``status``.
+    Children it had before the stage started are left alone."""
+    while adopted := sorted(_children() - earlier):
+        for pid in adopted:
+            try:
+                _, raw = os.waitpid(pid, 0)
+            except ChildProcessError:
+                continue
+            status = os.waitstatus_to_exitcode(raw)
+    return status
 
 
 def _main_thread() -> bool:
