@@ -142,7 +142,8 @@ def test_scores_come_back_in_the_order_of_the_sequences(setup):
 
     root, model, _ = setup
     scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    pad = scorer.config.pad_token_id  # the head finds the last real token by this id
     sequences = [[5 + (i % 7)] * (3 + (i * 5) % 17) for i in range(40)]
-    batched = score_sequences(scorer, sequences, pad_token_id=0, batch_size=8)
-    one_by_one = torch.cat([score_sequences(scorer, [s], pad_token_id=0) for s in sequences])
+    batched = score_sequences(scorer, sequences, pad_token_id=pad, batch_size=8)
+    one_by_one = torch.cat([score_sequences(scorer, [s], pad_token_id=pad) for s in sequences])
     assert torch.allclose(batched, one_by_one, atol=1e-5)
