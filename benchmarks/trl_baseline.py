@@ -379,11 +379,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    with contextlib.redirect_stdout(sys.stderr):  # TRL and transformers print progress and logs to stdout
+def print_result(run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> None:
+    """Run, with everything TRL and transformers print (progress, logs) sent to stderr, and print the result as one
+    JSON line on stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
         result = run(args)
     print(json.dumps(result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    print_result(run, parse_args(argv))
 
 
 if __name__ == "__main__":
