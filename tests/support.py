@@ -198,3 +198,25 @@ def wandb_run_contents(run_dir: Path) -> dict:
         elif kind == "summary":
             out["summary"].update({item_key(i): json.loads(i.value_json) for i in record.summary.update})
     return out
+
+
+def spy_on_length_grouping(monkeypatch) -> list:
+    """Record (order, lengths) each time transformers' length-grouped sampler is iterated."""
+    from transformers import trainer_pt_utils
+
+    seen = []
+    sample = trainer_pt_utils.LengthGroupedSampler.__iter__
+
+    def spy(self):
+        order = list(sample(self))
+        seen.append((order, list(self.lengths)))
+        return iter(order)
+
+    monkeypatch.setattr(trainer_pt_utils.LengthGroupedSampler, "__iter__", spy)
+    return seen
+
+
+def mean_batch_spread(order, lengths, batch_size: int) -> float:
+    """Mean (longest - shortest) length within the consecutive batches of ``order``."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
+from support import (demo_rows, mean_batch_spread, plain_tokenizer, save_tiny_causal_lm, spy_on_length_grouping,
+                     write_jsonl)
 
 from rlhf.checkpoint import REWARD_STATS_FILE, read_manifest
 from rlhf.config import PretrainConfig, RewardConfig, load_config
@@ -115,26 +116,14 @@ def test_margin_column_enters_the_loss(setup, tmp_path):
 
 
 def test_group_by_length_batches_pairs_of_similar_length(setup, monkeypatch):
-    from transformers import trainer_pt_utils
-
     root, model, data = setup
-    seen = []
-    sample = trainer_pt_utils.LengthGroupedSampler.__iter__
-
-    def spy(self):
-        order = list(sample(self))
-        seen.append((order, list(self.lengths)))
-        return iter(order)
-
-    monkeypatch.setattr(trainer_pt_utils.LengthGroupedSampler, "__iter__", spy)
+    seen = spy_on_length_grouping(monkeypatch)
     # transformers sorts groups of up to 50 batches, at most a quarter of the data: batches of 4 make groups of 20.
     out = reward.run(_cfg(root, model, data, "grouped", "train.group_by_length=true", "train.batch_size=4",
                           "train.micro_batch_size=4"))
     assert read_manifest(out) is not None and seen
     order, lengths = seen[0]
-    batches = [order[i:i + 4] for i in range(0, len(order) - 3, 4)]
-    spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
-    assert spread < 0.5 * (max(lengths) - min(lengths))  # random batches would span nearly the whole range
+    assert mean_batch_spread(order, lengths, 4) < 0.5 * (max(lengths) - min(lengths))  # random batches would span nearly the whole range
 
 
 def test_scores_come_back_in_the_order_of_the_sequences(setup):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import chatml_tokenizer, demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
+from support import (chatml_tokenizer, demo_rows, mean_batch_spread, plain_tokenizer, save_tiny_causal_lm,
+                     spy_on_length_grouping, write_jsonl)
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import SFTConfig, load_config
@@ -130,23 +131,11 @@ def test_packing_trains(base):
 
 
 def test_group_by_length_sorts_sft_examples_into_batches_of_similar_length(base, monkeypatch):
-    from transformers import trainer_pt_utils
-
     root, model, data = base
-    seen = []
-    sample = trainer_pt_utils.LengthGroupedSampler.__iter__
-
-    def spy(self):
-        order = list(sample(self))
-        seen.append((order, list(self.lengths)))
-        return iter(order)
-
-    monkeypatch.setattr(trainer_pt_utils.LengthGroupedSampler, "__iter__", spy)
+    seen = spy_on_length_grouping(monkeypatch)
     out = sft.run(_cfg(root, model, data, "grouped", "train.group_by_length=true", "train.batch_size=4",
                        "train.micro_batch_size=4", "data.max_length=256"))
     losses = _losses(out)
     assert seen and all(torch.isfinite(torch.tensor(losses)))
     order, lengths = seen[0]
-    batches = [order[i:i + 4] for i in range(0, len(order) - 3, 4)]
-    spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
-    assert spread < 0.5 * (max(lengths) - min(lengths))
+    assert mean_batch_spread(order, lengths, 4) < 0.5 * (max(lengths) - min(lengths))
