@@ -2,7 +2,7 @@
 
     python benchmarks/ppo_throughput.py [--updates 5] [--threads 2] [--dtype float32|bfloat16]
                                         [--response-tokens 48] [--rollouts 64] [--width 256] [--variable-length]
-                                        [--set key.sub=value ...]
+                                        [--compile] [--set key.sub=value ...]
 
 It runs the real PPO stage (``stages.ppo.run``, default settings except what the workload fixes) on randomly
 initialised models built from the workload by ``benchmarks/workload.py``: a GPT-2 4x256 policy with a separate
@@ -16,8 +16,9 @@ that the whole workload ran (tokens sampled, forward calls of the reference, rew
 per update) and ``contended`` when other processes used more than a tenth of a core while it ran.
 
 ``--response-tokens``, ``--rollouts`` and ``--width`` change the workload for the scaling table in
-``benchmarks/README.md``; ``--variable-length`` lets responses stop at EOS (the fixed workload never stops) to show
-what the padding-aware paths save.
+``benchmarks/README.md``; ``--variable-length`` uses a policy that samples EOS often and lets responses stop there
+(the fixed workload never stops), to show what the padding-aware paths save; ``--compile`` runs the training pass
+through torch.compile.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as wl  # noqa: E402
 
+# EOS's logit advantage in the variable-length variant (see workload.boost_eos): responses of 48 tokens then average
+# about half that, and one in ten or so runs to the limit.
+VARIABLE_LENGTH_EOS_LOGIT = 5.0
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollouts", type=int, default=None, help="rollouts per update")
     parser.add_argument("--width", type=int, default=None, help="n_embd of every model")
     parser.add_argument("--variable-length", action="store_true",
-                        help="responses end at their first EOS (the fixed workload always samples them all)")
+                        help="a policy that samples EOS often (about half the responses end before the limit), and "
+                             "responses end at their first EOS; the fixed workload always samples them all")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training forward and backward with torch.compile (accelerate's "
+                             "dynamo_backend=inductor); the compile time falls in the warm-up update")
     parser.add_argument("--workdir", default=None, help="where the built workload is cached")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key of our PPO config (ablations), e.g. rollout.generation_logprobs=false")
@@ -64,6 +74,8 @@ def make_workload(args: argparse.Namespace) -> dict[str, Any]:
         workload["policy_and_reference"] = dict(workload["policy_and_reference"], n_embd=args.width)
     if args.updates:
         workload["timed_updates"] = args.updates
+    if args.variable_length:
+        workload["eos_logit"] = VARIABLE_LENGTH_EOS_LOGIT
     return workload
 
 
@@ -71,6 +83,8 @@ def models_dir(workload: dict[str, Any], workdir: str | None) -> Path:
     """The built models and prompts, cached by the parts of the workload they depend on; built in a child process
     so that tokenizer training does not count in this process's peak RSS."""
     key = {k: workload[k] for k in ("seed", "policy_and_reference", "num_prompts", "prompt_tokens")}
+    if workload.get("eos_logit"):
+        key["eos_logit"] = workload["eos_logit"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(workdir or Path(__file__).resolve().parent / ".cache" / f"workload-{digest}")
     if not (out / "prompts.jsonl").is_file():
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from stages import ppo
 
     torch.set_num_threads(threads)
+    if args.compile:
+        os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"  # read by the stage's Accelerator()
     peak = wl.matmul_peak_gflops(threads)
     probe = Probe()
     with tempfile.TemporaryDirectory(prefix="ppo-throughput-") as tmp:
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fraction_of_peak": round(flops / 1e9 / s_per_update / peak, 3),
         "threads": threads,
         "dtype": args.dtype,
+        "compile": args.compile,
         "updates_timed": len(durations),
         "overrides": args.overrides,
         "update_times": [round(d, 4) for d in durations],

@@ -77,9 +77,25 @@ def build_models(workload: dict[str, Any], tokenizer: Any) -> tuple[Any, Any]:
                   pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(workload["seed"])
     policy = GPT2LMHeadModel(GPT2Config(**common))
+    if workload.get("eos_logit"):
+        boost_eos(policy, tokenizer.eos_token_id, workload["eos_logit"], workload["seed"])
     torch.manual_seed(workload["seed"] + 1)
     reward = GPT2ForSequenceClassification(GPT2Config(**common, num_labels=1))
     return policy.eval(), reward.eval()
+
+
+def boost_eos(policy: Any, eos_token_id: int, logit: float, seed: int) -> None:
+    """Make a randomly initialised GPT-2 end its responses at random lengths (the variable-length variant of the
+    workload): a unit direction u goes into the final layer norm's bias (times ``logit``) and into EOS's output
+    embedding (tied to its input embedding), so that EOS's logit is about ``logit`` above the others with unit
+    noise per position. Untouched, such a model samples EOS about once in its vocabulary size."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        u = torch.nn.functional.normalize(torch.randn(policy.config.n_embd, generator=generator), dim=0)
+        policy.transformer.ln_f.bias += logit * u
+        policy.lm_head.weight[eos_token_id] += u
 
 
 def prompt_texts(workload: dict[str, Any], tokenizer: Any) -> list[str]:

@@ -71,6 +71,12 @@ class ModelConfig:
         None, doc="Attention kernel (eager, sdpa, flash_attention_2); None lets transformers choose.", semantic=False
     )
     trust_remote_code: bool = option(False, doc="Allow model code from the checkpoint to run. Off unless you trust it.")
+    fused_activations: bool = option(
+        True,
+        doc="Run the tanh-approximate GELU that transformers writes out in Python (gelu_new, gelu_fast: GPT-2 and "
+            "others) with torch's fused kernel: the same function, differing only in rounding, 2x faster.",
+        semantic=False,
+    )
 
 
 @dataclass

@@ -178,8 +178,9 @@ def _from_pretrained(auto_cls: Any, model: ModelConfig, **extra: Any) -> Any:
             from peft import PeftModel
 
             base = auto_cls.from_pretrained(_adapter_base(source), **_load_kwargs(model), **extra)
-            return PeftModel.from_pretrained(base, source).merge_and_unload()
-        return auto_cls.from_pretrained(source, **_load_kwargs(model), **extra)
+            loaded = PeftModel.from_pretrained(base, source).merge_and_unload()
+        else:
+            loaded = auto_cls.from_pretrained(source, **_load_kwargs(model), **extra)
     except OSError as exc:
         raise CheckpointError(
             f"cannot load a model from {source}: {exc}. If the weights are a .bin/.pt file, convert them to "
@@ -192,6 +193,25 @@ def _from_pretrained(auto_cls: Any, model: ModelConfig, **extra: Any) -> Any:
         ) from None
     except ValueError as exc:
         raise CheckpointError(f"cannot load {source} as {auto_cls.__name__}: {exc}") from None
+    if model.fused_activations:
+        fuse_activations(loaded)
+    return loaded
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replace each tanh-approximate GELU module that transformers computes as a chain of Python tensor operations
+    (``gelu_new``, ``gelu_fast``: eight elementwise passes forward and more backward, each saving a tensor for
+    autograd) by torch's fused kernel of the same formula, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). The
+    outputs differ only in rounding. Returns how many modules were replaced."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    replaced = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                replaced += 1
+    return replaced
 
 
 def load_causal_lm(model: ModelConfig) -> torch.nn.Module:

@@ -50,15 +50,41 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, *, temperat
                        top_p: float = 1.0) -> torch.Tensor:
     """One token per row by inverse-CDF sampling of softmax(filter(logits / temperature)) with the row's uniform
     in [0, 1); temperature 0 is greedy. logits: [B, V]; uniforms: [B] -> token ids [B]."""
+    return sample_with_logprobs(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p)[0]
+
+
+def sample_with_logprobs(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_from_logits`, and the log-probability of each drawn token under softmax(logits / temperature)
+    without the top-k/top-p truncation (what a policy pass over the finished sequence gives; at temperature 1 for
+    greedy decoding), float32. Without truncation one log-normaliser serves both. logits: [B, V]; uniforms: [B] ->
+    (token ids [B], log-probs [B])."""
+    scaled = logits.float()
+    if temperature not in (0, 1):
+        scaled = scaled / temperature
+    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
     if temperature == 0:
-        return logits.argmax(-1)
-    scaled = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    probs = torch.softmax(scaled, dim=-1)
+        tokens = logits.argmax(-1)
+    elif 0 < top_k < logits.shape[-1] or top_p < 1.0:
+        tokens = inverse_cdf(torch.softmax(filter_logits(scaled, top_k=top_k, top_p=top_p), dim=-1), uniforms)
+    else:
+        tokens = inverse_cdf(torch.exp(scaled - log_normaliser), uniforms)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normaliser.squeeze(-1)
+    return tokens, logprobs
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The first entry of each row whose cumulative probability exceeds u x (the row's total), for u in [0, 1):
+    the row's sample. A zero-probability entry is never chosen (its cumulative sum equals the one before it).
+    probs: [B, V], not necessarily normalised; uniforms: [B] -> [B]."""
     # float64 keeps u * total below total for every u < 1 (in float32, u > 1 - 2^-25 would round up to it).
     cdf = probs.double().cumsum(-1)
-    # The first entry whose cumulative probability exceeds u * total: zero-probability entries are never chosen.
     target = uniforms.to(cdf.device, torch.float64).unsqueeze(-1) * cdf[:, -1:]
     index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    positions = torch.arange(probs.shape[-1], device=probs.device)
-    last_possible = torch.where(probs > 0, positions, torch.zeros_like(positions)).amax(-1)
-    return torch.minimum(index, last_possible)
+    past_end = index >= probs.shape[-1]
+    if bool(past_end.any()):
+        # Only when rounding puts u * total at total: the last entry that has probability.
+        positions = torch.arange(probs.shape[-1], device=probs.device)
+        last_possible = torch.where(probs > 0, positions, torch.zeros_like(positions)).amax(-1)
+        index = torch.where(past_end, last_possible, index)
+    return index

@@ -65,8 +65,9 @@ def test_one_update_changes_policy_and_critic_and_keeps_reference_and_reward_mod
 
     rows = [r for r in read_metrics(out) if "rollout/kl" in r]
     assert len(rows) == 1 and all(name in rows[0] for name in METRIC_NAMES)
-    # Before the first update the policy is the reference: the KL of the first rollout is exactly 0.
-    assert rows[0]["rollout/kl"] == 0.0
+    # Before the first update the policy is the reference: the KL of the first rollout is 0 up to rounding (the
+    # log-probs from generation's cached steps and the reference's full pass agree to 1e-5 per token).
+    assert abs(rows[0]["rollout/kl"]) < 1e-5
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["critic_init"] == "reward"
     assert manifest["metrics"]["final/kl"] > 0 and manifest["metrics"]["initial/kl"] == 0
