@@ -103,6 +103,15 @@ def reserve_cache(cache: Any, capacity: int) -> int:
     return reserved
 
 
+def can_drop_rows(cache: Any) -> bool:
+    """Whether every layer of a transformers KV cache can drop batch rows (`batch_select_indices`): the growing
+    layers can; static ones cannot."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
+
+
 @functools.cache
 def _reserved_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
@@ -131,6 +140,11 @@ def _reserved_layer_class() -> type:
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys = self.key_buffer[:, :, :self.filled]
+            self.values = self.value_buffer[:, :, :self.filled]
+
     return ReservedLayer
 
 
@@ -142,11 +156,16 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tenso
     each sampled token (at the temperature, without top-k/top-p truncation: what `policy_forward` gives) comes from
     the same logits, so the rollout needs no second policy pass for its old log-probs.
 
+    Rows that have stopped leave the running batch, so a batch of responses of mixed lengths costs about what its
+    real tokens cost, not B times the longest.
+
     prompts: B token lists; uniforms: [B, >= max_new_tokens].
     """
     prompt_ids, prompt_mask = left_pad(prompts, settings.pad_token_id, device)
     batch = prompt_ids.shape[0]
+    pad = settings.pad_token_id
     stops = torch.as_tensor(settings.stop_token_ids, dtype=torch.long, device=device)
+    uniforms = uniforms.to(device)
     mask = prompt_mask
     positions = position_ids(mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -154,19 +173,29 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tenso
     cache_key = "cache" if "cache" in out else "past_key_values"
     cache = out[cache_key]
     reserve_cache(cache, prompt_ids.shape[1] + settings.max_new_tokens)
+    droppable = can_drop_rows(cache)
     next_logits = out.logits[:, -1]
+    # The running rows: their original row numbers, and which of them have produced a stop token.
+    rows = torch.arange(batch, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for step in range(settings.max_new_tokens):
-        token, logprob = sample_with_logprobs(next_logits, uniforms[:, step], temperature=settings.temperature,
+        token, logprob = sample_with_logprobs(next_logits, uniforms[rows, step], temperature=settings.temperature,
                                               top_k=settings.top_k, top_p=settings.top_p)
-        token = torch.where(finished, torch.full_like(token, settings.pad_token_id), token)
-        tokens.append(token)
-        logprobs.append(logprob)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        tokens.append(torch.full((batch,), pad, dtype=token.dtype, device=device).index_copy(0, rows, token))
+        logprobs.append(torch.zeros(batch, dtype=logprob.dtype, device=device).index_copy(0, rows, logprob))
         finished |= torch.isin(token, stops)
-        if bool(finished.all()) or step == settings.max_new_tokens - 1:
+        done = int(finished.sum())
+        if done == len(rows) or step == settings.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        if droppable and 8 * done >= len(rows):
+            # Finished rows leave the batch (and the cache) once they are an eighth of it: a row's own tokens do
+            # not depend on the others, and the steps that remain cost in proportion to the rows still running.
+            keep = (~finished).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, mask, positions, token, finished = rows[keep], mask[keep], positions[keep], token[keep], finished[keep]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_key: cache})

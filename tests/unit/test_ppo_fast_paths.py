@@ -114,6 +114,31 @@ def test_generation_with_a_reserved_cache_samples_the_same_tokens(monkeypatch, t
     assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-6, rtol=0)
 
 
+def test_dropping_finished_rows_keeps_every_rows_tokens_and_logprobs(monkeypatch):
+    from rlhf.ppo import rollout as rollout_module
+    from rlhf.ppo.rollout import GenerationSettings, generate
+
+    model = _gpt2(vocab_size=12).eval()  # a small vocabulary: the stop token (3) comes up every few steps
+    prompts = [[5, 6, 7], [8], [9, 10], [11, 4, 5, 6]] * 4
+    settings = GenerationSettings(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(3,),
+                                  pad_token_id=0)
+    uniforms = sample_uniforms(0, "rollout", range(16), 24)
+    running = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: running.append(kw["input_ids"].shape[0]) or real_forward(**kw))
+    fast = generate(model, prompts, uniforms, settings, "cpu")
+    calls_fast, running[:] = list(running), []
+    monkeypatch.setattr(rollout_module, "can_drop_rows", lambda cache: False)
+    plain = generate(model, prompts, uniforms, settings, "cpu")
+    lengths = fast.response_mask.sum(-1)
+    assert lengths.min() < lengths.max() == fast.response_ids.shape[1]  # mixed lengths, one runs to the end
+    assert calls_fast[-1] < 16 and set(running) == {16}  # rows left the batch; without dropping they never do
+    assert sum(calls_fast) < sum(running)
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.equal(fast.response_mask, plain.response_mask) and torch.equal(fast.stopped, plain.stopped)
+    assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-6, rtol=0)
+
+
 # --- sampler and its log-probs --------------------------------------------------------------------------------------
 
 
