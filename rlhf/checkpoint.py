@@ -372,6 +372,13 @@ def stage_fingerprint(cfg: Any) -> tuple[str, dict[str, dict[str, str]]]:
     return compute_fingerprint(cfg.stage, semantic_dict(cfg), input_fingerprints(records)), records
 
 
+def truncate_logs_to(checkpoint: str | Path) -> int:
+    """`truncate_logs` of the stage output that holds ``checkpoint`` (``<output>/checkpoints/step_N``), after the
+    step the checkpoint recorded: what a run resumed from it will log again. Returns the number of rows dropped."""
+    checkpoint = Path(checkpoint)
+    return truncate_logs(checkpoint.parent.parent, after_step=read_json(checkpoint / CHECKPOINT_STATE)["step"])
+
+
 def truncate_logs(output_dir: str | Path, *, after_step: int) -> int:
     """Drop the metrics and sample rows a resumed run will write again (``step > after_step``) and any summary
     line, so its logs read as if it had never stopped. Returns the number of rows dropped."""

@@ -33,7 +33,7 @@ from rlhf.checkpoint import (
     output_dir_of,
     read_json,
     require_complete,
-    truncate_logs,
+    truncate_logs_to,
     write_json_atomic,
 )
 from rlhf.config import PPOConfig
@@ -337,7 +337,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
     if resume_from is not None and state.is_main_process:
         # The resumed run rewrites what came after its checkpoint; the logs must not hold those rows twice.
-        truncate_logs(resume_from.parent.parent, after_step=read_json(resume_from / CHECKPOINT_STATE)["step"])
+        truncate_logs_to(resume_from)
     state.wait_for_everyone()
     settings = GenerationSettings(
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,

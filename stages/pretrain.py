@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf.checkpoint import CHECKPOINT_STATE, checkpoint_dir, latest_checkpoint, output_dir_of, read_json, truncate_logs
+from rlhf.checkpoint import checkpoint_dir, latest_checkpoint, output_dir_of, truncate_logs_to
 from rlhf.config import PretrainConfig
 from rlhf.data import prepare_dataset
 from rlhf.runtime import StageRun
@@ -225,7 +225,7 @@ def run(cfg: PretrainConfig) -> Path:
     resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
     if resume_from is not None and accelerator.is_main_process:
         # The resumed run rewrites what came after its checkpoint; the logs must not hold those rows twice.
-        truncate_logs(resume_from.parent.parent, after_step=read_json(resume_from / CHECKPOINT_STATE)["step"])
+        truncate_logs_to(resume_from)
     accelerator.wait_for_everyone()
 
     with StageRun(cfg, rank=accelerator.process_index, is_main_process=accelerator.is_main_process) as stage, \
