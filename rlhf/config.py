@@ -600,6 +600,10 @@ class TrainerConfig:
     group_by_length: bool = option(
         False, doc="Batch examples of similar length together (shuffled in groups of 50 batches), so less compute "
                    "goes to padding; batches are then less random.")
+    sort_micro_batches: bool = option(
+        True, doc="Order each optimiser step's examples by length before cutting them into micro-batches: the step "
+                  "trains on the same random examples (same gradient up to rounding) with less padding. Helps when "
+                  "micro_batch_size is below batch_size.", semantic=False)
 
     def validate(self) -> None:
         check_batch_divides(self.batch_size, self.micro_batch_size, prefix="train.")

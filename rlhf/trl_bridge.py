@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,62 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
         "use_cpu": torch.accelerator.current_accelerator() is None,
         "save_only_model": False,
     }
+
+
+class StepSortedSampler(torch.utils.data.Sampler[int]):
+    """The Trainer's random order with the examples of each optimiser step sorted by length, longest first.
+
+    The order is accelerate's seedable random order (a permutation seeded with ``seed + epoch``, the same on every
+    process), so each step trains on exactly the examples it would without sorting; only how that set is cut into
+    equal-sized micro-batches changes. A loss averaged over the step therefore has the same gradient up to rounding,
+    while each micro-batch pads to similar lengths. ``step_size`` is what one optimiser step consumes from the sampler:
+    micro-batch x accumulation steps x processes (accelerate deals consecutive micro-batches to the processes in turn).
+    Longest first, so a step's peak memory shows in its first micro-batch.
+    """
+
+    def __init__(self, lengths: Sequence[int], step_size: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.step_size = step_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.step_size):
+            yield from sorted(order[start : start + self.step_size], key=lambda i: -self.lengths[i])
+        self.epoch += 1
+
+
+def sort_micro_batches(trainer: Any, train: Any) -> bool:
+    """Make a TRL/transformers ``trainer`` draw its training examples through :class:`StepSortedSampler` when
+    ``train.sort_micro_batches`` is on, the sampling is random and a step has more than one micro-batch. Lengths come
+    from the dataset's "length" column, else from its ``input_ids``. Returns whether it did."""
+    args = trainer.args
+    step_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    if not train.sort_micro_batches or train.group_by_length or step_size == args.per_device_train_batch_size:
+        return False
+    if not args.accelerator_config.use_seedable_sampler:
+        return False  # the unsorted order would not be the seeded one this sampler reproduces
+
+    def sampler(train_dataset: Any = None) -> StepSortedSampler:
+        dataset = trainer.train_dataset if train_dataset is None else train_dataset
+        if "length" in dataset.column_names:
+            lengths = dataset["length"]
+        else:
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return StepSortedSampler(lengths, step_size, seed)
+
+    trainer._get_train_sampler = sampler  # the Trainer's hook for its training sampler (transformers 5)
+    return True
 
 
 def last_trainer_checkpoint(output_dir: Path) -> str | None:

@@ -21,7 +21,7 @@ from rlhf.models import apply_peft, check_model_source, count_parameters, load_c
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import TextContract
-from rlhf.trl_bridge import train_resumable, trainer_kwargs
+from rlhf.trl_bridge import sort_micro_batches, train_resumable, trainer_kwargs
 
 Config = SFTConfig
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def run(cfg: SFTConfig) -> Path:
             processing_class=tokenizer,
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
         )
+        sort_micro_batches(trainer, cfg.train)
         result, train_s = train_resumable(trainer, stage="sft", output_dir=stage.output_dir,
                                           resume=cfg.checkpoint.resume, stop=stop)
 

@@ -220,3 +220,19 @@ def mean_batch_spread(order, lengths, batch_size: int) -> float:
     """Mean (longest - shortest) length within the consecutive batches of ``order``."""
     batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
     return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
+
+
+def spy_on_step_sorting(monkeypatch) -> list:
+    """Record the order each time the stages' step-sorted sampler (train.sort_micro_batches) is iterated."""
+    from rlhf.trl_bridge import StepSortedSampler
+
+    seen = []
+    sample = StepSortedSampler.__iter__
+
+    def spy(self):
+        order = list(sample(self))
+        seen.append(order)
+        return iter(order)
+
+    monkeypatch.setattr(StepSortedSampler, "__iter__", spy)
+    return seen

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support import (demo_rows, mean_batch_spread, plain_tokenizer, save_tiny_causal_lm, spy_on_length_grouping,
-                     write_jsonl)
+                     spy_on_step_sorting, write_jsonl)
 
 from rlhf.checkpoint import REWARD_STATS_FILE, read_manifest
 from rlhf.config import PretrainConfig, RewardConfig, load_config
@@ -124,6 +124,25 @@ def test_group_by_length_batches_pairs_of_similar_length(setup, monkeypatch):
     assert read_manifest(out) is not None and seen
     order, lengths = seen[0]
     assert mean_batch_spread(order, lengths, 4) < 0.5 * (max(lengths) - min(lengths))  # random batches would span nearly the whole range
+
+
+def test_sorted_micro_batches_train_the_same_model(setup, monkeypatch):
+    # Each step's 16 pairs are cut into micro-batches of 4 by length instead of at random: same pairs, same gradient.
+    root, model, data = setup
+    seen = spy_on_step_sorting(monkeypatch)
+    runs = {}
+    for name, flag in (("sorted", "true"), ("unsorted", "false")):
+        out = reward.run(_cfg(root, model, data, name, f"train.sort_micro_batches={flag}", "train.micro_batch_size=4",
+                              "train.max_steps=6"))
+        runs[name] = ([r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r],
+                      load_file(out / "model.safetensors"))
+    assert len(seen) == 1  # only the sorted run drew through the sampler
+    (sorted_losses, sorted_weights), (losses, weights) = runs["sorted"], runs["unsorted"]
+    assert len(losses) == 6 and sorted_losses == pytest.approx(losses, abs=1e-5)
+    for name, tensor in weights.items():
+        assert torch.allclose(sorted_weights[name], tensor, atol=1e-5), name
+    assert any(not torch.equal(tensor, load_file(model / "model.safetensors").get(name, tensor))
+               for name, tensor in weights.items())  # and training did move the weights
 
 
 def test_scores_come_back_in_the_order_of_the_sequences(setup):

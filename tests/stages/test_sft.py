@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support import (chatml_tokenizer, demo_rows, mean_batch_spread, plain_tokenizer, save_tiny_causal_lm,
-                     spy_on_length_grouping, write_jsonl)
+                     spy_on_length_grouping, spy_on_step_sorting, write_jsonl)
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import SFTConfig, load_config
@@ -128,6 +128,22 @@ def test_packing_trains(base):
     out = sft.run(_cfg(root, model, data, "packed", "packing=true", "data.max_length=128", "train.max_steps=4"))
     losses = _losses(out)
     assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_sorted_micro_batches_train_the_same_sft_model(base, monkeypatch):
+    root, model, data = base
+    seen = spy_on_step_sorting(monkeypatch)
+    runs = {}
+    for name, flag in (("sorted", "true"), ("unsorted", "false")):
+        out = sft.run(_cfg(root, model, data, f"mb-{name}", f"train.sort_micro_batches={flag}",
+                           "train.micro_batch_size=4", "train.max_steps=6", "data.max_length=256"))
+        runs[name] = (_losses(out), _weights(out))
+    assert len(seen) == 1
+    (sorted_losses, sorted_weights), (losses, weights) = runs["sorted"], runs["unsorted"]
+    # The SFT loss is a token mean over the whole step (num_items_in_batch), so the cut into micro-batches is moot.
+    assert len(losses) == 6 and sorted_losses == pytest.approx(losses, abs=1e-5)
+    for name, tensor in weights.items():
+        assert torch.allclose(sorted_weights[name], tensor, atol=1e-5), name
 
 
 def test_group_by_length_sorts_sft_examples_into_batches_of_similar_length(base, monkeypatch):
