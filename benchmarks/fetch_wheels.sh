@@ -14,6 +14,14 @@ for pkg in trl==1.16.0 transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multipro
            annotated-types==0.8.0 typing-inspection==0.4.5; do
   python3 -m pip download -q --no-deps --only-binary=:all: "${pyver[@]}" "${plat[@]}" -d .whl "$pkg"
 done
+# TRL 0.28.0 with the stack of its day (as benchmarks/setup_trl_baseline.sh pins it), for the throughput comparison:
+# installed apart (--target /tmp/site-trl) and put first on the TRL run's path. The image's own requests, aiohttp,
+# xxhash, pyarrow and pandas serve it too.
+mkdir -p .whl/trl028
+for pkg in trl==0.28.0 transformers==4.57.6 accelerate==1.12.0 datasets==4.5.0 huggingface_hub==0.36.2 \
+           tokenizers==0.22.2 dill==0.4.0 multiprocess==0.70.18 fsspec==2025.10.0; do
+  python3 -m pip download -q --no-deps --only-binary=:all: "${pyver[@]}" "${plat[@]}" -d .whl/trl028 "$pkg"
+done
 # DeepSpeed is published as a source archive; build its (pure-Python, ops compiled on first use) wheel here.
 python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
-ls -la .whl
+ls -la .whl .whl/trl028

@@ -1,7 +1,8 @@
 """Our PPO on the fixed throughput workload (``benchmarks/ppo_workload.json``): one JSON line on stdout.
 
     python benchmarks/ppo_throughput.py [--updates 5] [--threads 2] [--dtype float32|bfloat16]
-                                        [--response-tokens 48] [--rollouts 64] [--width 256] [--variable-length]
+                                        [--response-tokens 48] [--rollouts 64] [--layers 4] [--width 256] [--heads 4]
+                                        [--variable-length]
                                         [--compile] [--set key.sub=value ...]
 
 It runs the real PPO stage (``stages.ppo.run``, default settings except what the workload fixes) on randomly
@@ -15,8 +16,9 @@ workload, not from what ran) and GFLOP/s, the fp32 matmul peak measured in the s
 that the whole workload ran (tokens sampled, forward calls of the reference, reward model and critic, optimiser steps,
 per update) and ``contended`` when other processes used more than a tenth of a core while it ran.
 
-``--response-tokens``, ``--rollouts`` and ``--width`` change the workload for the scaling table in
-``benchmarks/README.md``; ``--variable-length`` uses a policy that samples EOS often and lets responses stop there
+``--response-tokens``, ``--rollouts``, ``--layers``, ``--width`` and ``--heads`` change the workload (the scaling
+table in ``benchmarks/README.md``, the larger size of ``benchmarks/gpu_check.sh``); on a GPU the models run there and
+the matmul peak is the GPU's in ``--dtype``. ``--variable-length`` uses a policy that samples EOS often and lets responses stop there
 (the fixed workload never stops), to show what the padding-aware paths save; ``--compile`` runs the training pass
 through torch.compile.
 """
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--response-tokens", type=int, default=None)
     parser.add_argument("--rollouts", type=int, default=None, help="rollouts per update")
-    parser.add_argument("--width", type=int, default=None, help="n_embd of every model")
+    wl.size_arguments(parser)
     parser.add_argument("--variable-length", action="store_true",
                         help="a policy that samples EOS often (about half the responses end before the limit), and "
                              "responses end at their first EOS; the fixed workload always samples them all")
@@ -71,8 +73,7 @@ def make_workload(args: argparse.Namespace) -> dict[str, Any]:
         workload["response_tokens"] = args.response_tokens
     if args.rollouts:
         workload["rollouts_per_update"] = args.rollouts
-    if args.width:
-        workload["policy_and_reference"] = dict(workload["policy_and_reference"], n_embd=args.width)
+    workload = wl.with_size(workload, layers=args.layers, width=args.width, heads=args.heads)
     if args.updates:
         workload["timed_updates"] = args.updates
     if args.variable_length:
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     if args.compile:
         os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"  # read by the stage's Accelerator()
-    peak = wl.matmul_peak_gflops(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the stage's accelerator puts the models
+    peak = wl.matmul_peak_gflops(threads, device=device, dtype=args.dtype if device == "cuda" else "float32")
     probe = Probe()
     with tempfile.TemporaryDirectory(prefix="ppo-throughput-") as tmp:
         overrides = ppo_overrides(workload, models, Path(tmp), args, threads) + args.overrides
@@ -198,13 +200,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fraction_of_peak": round(flops / 1e9 / s_per_update / peak, 3),
         "threads": threads,
         "dtype": args.dtype,
+        "device": device,
+        **wl.device_report(device),
         "compile": args.compile,
         "updates_timed": len(durations),
         "overrides": args.overrides,
         "update_times": [round(d, 4) for d in durations],
         "workload": {k: workload[k] for k in ("rollouts_per_update", "prompt_tokens", "response_tokens")}
-                    | {"n_embd": workload["policy_and_reference"]["n_embd"],
-                       "variable_length": args.variable_length},
+                    | {k: workload["policy_and_reference"][k] for k in ("n_layer", "n_head", "n_embd")}
+                    | {"variable_length": args.variable_length},
         "proof": {
             "rollouts_per_update": rollouts,
             "sampled_tokens_per_update": statistics.median(r["perf/sampled_tokens"] for r in timed),

@@ -3,6 +3,7 @@ that ``benchmarks/ppo_throughput.py`` is compared with. Prints one JSON line on 
 
     bash benchmarks/setup_trl_baseline.sh      # once: .venv-trl with TRL 0.28.0 and the library versions of its day
     .venv-trl/bin/python benchmarks/trl_baseline.py [--updates N] [--threads T] [--workdir DIR]
+                                                   [--layers L --width W --heads H] [--dtype float32|bfloat16]
 
 Models: the workload's (``benchmarks/workload.py``, built in a child process so that tokenizer training does not
 count in this process's peak RSS): the policy and a separately loaded reference from ``policy/``, the reward and the
@@ -91,8 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=None, help="timed updates (default: the workload's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the workload's)")
-    parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "workload",
-                        help="where the built workload (models, tokenizer, prompts) is cached")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the built workload (models, tokenizer, prompts) is cached (default: "
+                             "benchmarks/.cache/workload, or workload-LxWxH for another size)")
+    wl.size_arguments(parser)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16: TRL's bf16=True (bf16 autocast over fp32 weights)")
     args = parser.parse_args(argv)
     for name in ("updates", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -100,12 +105,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_workload(workdir: Path) -> Path:
-    """``workload.build(workdir)`` in a child process: identical files, but tokenizer training stays out of this
-    process's peak RSS. Its output goes to stderr."""
-    code = "import sys, workload; workload.build(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", code, str(workdir)], cwd=HERE, check=True, stdout=sys.stderr)
+def build_workload(workdir: Path, workload: dict[str, Any]) -> Path:
+    """``workload.build(workdir, workload)`` in a child process: identical files, but tokenizer training stays out of
+    this process's peak RSS. Its output goes to stderr."""
+    code = "import json, sys, workload; workload.build(sys.argv[1], json.loads(sys.argv[2]))"
+    subprocess.run([sys.executable, "-c", code, str(workdir), json.dumps(workload)], cwd=HERE, check=True,
+                   stdout=sys.stderr)
     return workdir
+
+
+def sized_workload(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """The workload at the size the options ask for, and where its models are cached."""
+    default = wl.load_workload()
+    workload = wl.with_size(default, layers=args.layers, width=args.width, heads=args.heads)
+    if args.workdir is not None:
+        return workload, args.workdir
+    arch = workload["policy_and_reference"]
+    suffix = "" if workload == default else f"-{arch['n_layer']}x{arch['n_embd']}x{arch['n_head']}"
+    return workload, HERE / ".cache" / f"workload{suffix}"
 
 
 class UpdateClock:
@@ -267,7 +284,8 @@ def instrumented(trainer: PPOTrainer, clock: UpdateClock) -> Iterator[None]:
         yield
 
 
-def make_trainer(workload: dict[str, Any], models: Path, workdir: Path, updates: int) -> PPOTrainer:
+def make_trainer(workload: dict[str, Any], models: Path, workdir: Path, updates: int,
+                 dtype: str = "float32") -> PPOTrainer:
     """TRL's PPOTrainer on the workload: TRL defaults except for what the workload fixes."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(models / "policy")
     assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.padding_side == "left"
@@ -289,7 +307,7 @@ def make_trainer(workload: dict[str, Any], models: Path, workdir: Path, updates:
         output_dir=str(workdir / "trl-output"),
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         seed=workload["seed"],
         # One rollout batch of 64 = per_device_train_batch_size x gradient_accumulation_steps; 4 minibatches of 16.
         per_device_train_batch_size=rollouts // accumulation,
@@ -304,7 +322,7 @@ def make_trainer(workload: dict[str, Any], models: Path, workdir: Path, updates:
         response_length=workload["response_tokens"],
         stop_token=None,
         missing_eos_penalty=None,
-        bf16=False,
+        bf16=dtype == "bfloat16",
         fp16=False,
         gradient_checkpointing=workload["gradient_checkpointing"],
         num_sample_generations=0,
@@ -331,16 +349,17 @@ def single(values: list[int]) -> int | list[int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    workload = wl.load_workload()
+    workload, workdir = sized_workload(args)
     updates = args.updates or workload["timed_updates"]
-    models = build_workload(args.workdir)
+    models = build_workload(workdir, workload)
     monitor = wl.LoadMonitor().start()
     threads = args.threads or workload["torch_threads"]
     torch.set_num_threads(threads)
     set_seed(workload["seed"])
-    peak = wl.matmul_peak_gflops(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = wl.matmul_peak_gflops(threads, device=device, dtype=args.dtype if device == "cuda" else "float32")
 
-    trainer = make_trainer(workload, models, args.workdir, updates)
+    trainer = make_trainer(workload, models, workdir, updates, args.dtype)
     assert torch.get_num_threads() == threads, "something changed torch's thread count"
     clock = UpdateClock()
     with instrumented(trainer, clock):
@@ -370,7 +389,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "matmul_peak_gflop_per_s": round(peak, 1),
         "fraction_of_peak": round(gflop / s_per_update / peak, 4),
         "threads": threads,
-        "dtype": "float32",
+        "dtype": args.dtype,
+        "device": device,
+        **wl.device_report(device),
+        "workload": {k: workload["policy_and_reference"][k] for k in ("n_layer", "n_head", "n_embd")},
         "updates_timed": len(times),
         "update_times": [round(t, 4) for t in times],
         "proof": {reported: single([c[counted] for c in counts]) for reported, counted in PROOF.items()},

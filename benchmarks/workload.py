@@ -49,6 +49,25 @@ def corpus(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(words, weights, k=rng.randint(20, 40))) for _ in range(n)]
 
 
+def with_size(workload: dict[str, Any], *, layers: int | None = None, width: int | None = None,
+              heads: int | None = None) -> dict[str, Any]:
+    """The workload with a policy of another size (the reference, reward and value models follow the policy)."""
+    arch = dict(workload["policy_and_reference"])
+    for key, value in (("n_layer", layers), ("n_embd", width), ("n_head", heads)):
+        if value:
+            arch[key] = value
+    if arch["n_embd"] % arch["n_head"]:
+        raise ValueError(f"width {arch['n_embd']} is not a multiple of {arch['n_head']} heads; pass --heads")
+    return dict(workload, policy_and_reference=arch)
+
+
+def size_arguments(parser: Any) -> None:
+    """The options both throughput benchmarks take to change the model size."""
+    parser.add_argument("--layers", type=int, default=None, help="n_layer of every model (default: the workload's)")
+    parser.add_argument("--width", type=int, default=None, help="n_embd of every model (default: the workload's)")
+    parser.add_argument("--heads", type=int, default=None, help="n_head of every model (default: the workload's)")
+
+
 def build_tokenizer(workload: dict[str, Any]) -> Any:
     """Byte-level BPE with the workload's vocabulary, pad distinct from EOS, left padding for generation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -153,21 +172,37 @@ def nominal_flops_per_update(workload: dict[str, Any]) -> float:
     return float(generation + forwards + training)
 
 
-def matmul_peak_gflops(threads: int, seconds: float = 1.5) -> float:
-    """This CPU's fp32 matmul rate (GFLOP/s) at ``threads`` threads: the best of repeated 1024^3 products."""
+def matmul_peak_gflops(threads: int, seconds: float = 1.5, device: str = "cpu", dtype: str = "float32") -> float:
+    """The matmul rate (GFLOP/s) of this CPU at ``threads`` threads, or of the GPU when ``device`` is "cuda", in
+    ``dtype``: the best of repeated n^3 products (n = 1024 on a CPU, 8192 on a GPU)."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
-        best = max(best, 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9)
+        sync()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
     torch.set_num_threads(previous)
     return best
+
+
+def device_report(device: str) -> dict[str, Any]:
+    """The GPU's name and this process's peak GPU memory, when the run was on one."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0),
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)}
 
 
 def _busy_cpu_seconds() -> float:
