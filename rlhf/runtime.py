@@ -58,6 +58,20 @@ def distributed_state() -> Any:
     return PartialState(cpu=cpu)
 
 
+def is_deepspeed(state: Any) -> bool:
+    """Whether an ``Accelerator`` or an accelerate process state runs under DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    return state.distributed_type == DistributedType.DEEPSPEED
+
+
+def fused_adamw(state: Any, device_type: str) -> bool:
+    """Whether training uses torch's fused AdamW (one kernel per parameter group instead of a loop over tensors;
+    the same update up to rounding): on CPU and CUDA, and not under DeepSpeed, whose ZeRO optimisers and CPU offload
+    expect the plain one."""
+    return device_type in ("cpu", "cuda") and not is_deepspeed(state)
+
+
 def default_threads(cpu_count: int, local_processes: int) -> int:
     """torch threads per process when the config leaves them open: the cores shared by this machine's processes."""
     return max(1, cpu_count // max(1, local_processes))

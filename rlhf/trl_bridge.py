@@ -19,6 +19,7 @@ import torch
 
 from rlhf.checkpoint import checkpoints_dir
 from rlhf.errors import is_storage_failure, storage_error
+from rlhf.runtime import distributed_state, fused_adamw
 from rlhf.signals import FAULT_ENV, StageInterrupted, fault_point
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
     """Keyword arguments shared by TRL's ``SFTConfig`` and ``RewardConfig`` for a stage config with ``train``,
     ``optim``, ``model``, ``logging`` and ``checkpoint`` sections."""
     train, optim = cfg.train, cfg.optim
+    state = distributed_state()
     return {
         "output_dir": str(checkpoints_dir(output_dir)),
         "per_device_train_batch_size": train.micro_batch_size,
@@ -64,6 +66,7 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
         # Without an accelerator the Trainer must be told, or it refuses bf16 instead of using the CPU's.
         "use_cpu": torch.accelerator.current_accelerator() is None,
         "save_only_model": False,
+        "optim": "adamw_torch_fused" if fused_adamw(state, state.device.type) else "adamw_torch",
     }
 
 

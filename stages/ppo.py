@@ -56,7 +56,7 @@ from rlhf.ppo.losses import explained_variance_from_moments, policy_loss, value_
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
 from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
-from rlhf.runtime import StageRun, distributed_state
+from rlhf.runtime import StageRun, distributed_state, fused_adamw, is_deepspeed
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
 from rlhf.text import TextContract
@@ -69,12 +69,6 @@ logger = logging.getLogger(__name__)
 #: Files of a PPO checkpoint (inside checkpoints/step_<N>/); checkpoint.json is written last.
 MODEL_STATE = "model"  # policy + critic weights, safetensors
 TRAINER_STATE = "trainer"  # optimiser, scheduler, RNG, KL controller, counters: safetensors + JSON
-
-
-def is_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def zero_stage(accelerator: Any) -> int:
@@ -374,8 +368,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         trainable, total = count_parameters(model)
         total_steps = cfg.ppo.num_updates * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
         # DeepSpeed steps the optimiser on its own flattened partitions (on the CPU with offload): torch's default.
-        fused = device.type in ("cpu", "cuda") and not is_deepspeed(accelerator)
-        optimizer, scheduler = optimiser_and_schedule(cfg, model, total_steps, fused=fused)
+        optimizer, scheduler = optimiser_and_schedule(cfg, model, total_steps,
+                                                      fused=fused_adamw(accelerator, device.type))
         model, optimizer = accelerator.prepare(model, optimizer)
         reference = prepare_frozen(accelerator, reference) if reference is not None else None
         scorer.model = prepare_frozen(accelerator, reward_model)

@@ -145,6 +145,33 @@ def test_sorted_micro_batches_train_the_same_model(setup, monkeypatch):
                for name, tensor in weights.items())  # and training did move the weights
 
 
+def test_fused_adamw_trains_the_same_reward_model(setup, monkeypatch):
+    # The TRL stages take torch's fused AdamW where it serves (CPU here); the loop over tensors gives the same weights.
+    import rlhf.trl_bridge
+
+    root, model, data = setup
+    made = []
+    init = torch.optim.AdamW.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(bool(kwargs.get("fused")))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    # With eps = 1 Adam's step is proportional to the gradient; with a tiny eps it is lr * sign(g), and rounding
+    # flips the sign of near-zero gradients between any two implementations.
+    extra = ("train.max_steps=4", "optim.learning_rate=1.0", "optim.adam_epsilon=1.0")
+    fused = reward.run(_cfg(root, model, data, "fused-adamw", *extra))
+    monkeypatch.setattr(rlhf.trl_bridge, "fused_adamw", lambda state, device_type: False)
+    looped = reward.run(_cfg(root, model, data, "looped-adamw", *extra))
+    assert made == [True, False]
+    w_fused, w_looped = load_file(fused / "model.safetensors"), load_file(looped / "model.safetensors")
+    for name, tensor in w_looped.items():
+        assert torch.allclose(w_fused[name], tensor, atol=1e-5), name
+    assert any(not torch.allclose(w_fused[k], v, atol=1e-3) for k, v in load_file(model / "model.safetensors").items()
+               if k in w_fused)
+
+
 def test_scores_come_back_in_the_order_of_the_sequences(setup):
     from transformers import AutoModelForSequenceClassification
 

@@ -87,3 +87,15 @@ def test_configure_threads_uses_every_core_of_a_single_cpu_process(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_fused_adamw_on_cpu_and_cuda_but_not_under_deepspeed():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rlhf.runtime import fused_adamw
+
+    plain, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
+    assert fused_adamw(plain, "cpu") and fused_adamw(plain, "cuda")
+    assert not fused_adamw(plain, "mps") and not fused_adamw(deepspeed, "cuda")
