@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from rlhf.checkpoint import checkpoint_dir, latest_checkpoint, output_dir_of, truncate_logs_to
 from rlhf.config import PretrainConfig
 from rlhf.data import prepare_dataset
-from rlhf.runtime import StageRun
+from rlhf.runtime import StageRun, fused_adamw
 from rlhf.signals import StageInterrupted, StopRequest, fault_point
 from rlhf.train_state import load_state, rng_state, set_rng_state, write_checkpoint
 
@@ -244,7 +244,8 @@ def run(cfg: PretrainConfig) -> Path:
         # 3. Optimiser and schedule.
         optim = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.adam_beta1,
-                                      optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
+                                      optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay,
+                                      fused=fused_adamw(accelerator, accelerator.device.type) or None)
         scheduler = get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=math.ceil(
             optim.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
         # The scheduler stays unprepared: accelerate would step it once per process, but max_steps counts optimiser
