@@ -18,9 +18,9 @@ per update) and ``contended`` when other processes used more than a tenth of a c
 
 ``--response-tokens``, ``--rollouts``, ``--layers``, ``--width`` and ``--heads`` change the workload (the scaling
 table in ``benchmarks/README.md``, the larger size of ``benchmarks/gpu_check.sh``); on a GPU the models run there and
-the matmul peak is the GPU's in ``--dtype``. ``--variable-length`` uses a policy that samples EOS often and lets responses stop there
-(the fixed workload never stops), to show what the padding-aware paths save; ``--compile`` runs the training pass
-through torch.compile.
+the matmul peak is the GPU's in ``--dtype``. ``--variable-length`` uses a policy that samples EOS often and lets
+responses stop there (the fixed workload never stops), to show what the padding-aware paths save; ``--compile`` runs
+the training pass through torch.compile.
 """
 
 from __future__ import annotations
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     if args.compile:
         os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"  # read by the stage's Accelerator()
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the stage's accelerator puts the models
-    peak = wl.matmul_peak_gflops(threads, device=device, dtype=args.dtype if device == "cuda" else "float32")
+    peak = wl.matmul_peak_gflops(threads, args.dtype)
     probe = Probe()
     with tempfile.TemporaryDirectory(prefix="ppo-throughput-") as tmp:
         overrides = ppo_overrides(workload, models, Path(tmp), args, threads) + args.overrides
@@ -200,8 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fraction_of_peak": round(flops / 1e9 / s_per_update / peak, 3),
         "threads": threads,
         "dtype": args.dtype,
-        "device": device,
-        **wl.device_report(device),
+        **wl.device_report(),
         "compile": args.compile,
         "updates_timed": len(durations),
         "overrides": args.overrides,

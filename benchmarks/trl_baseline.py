@@ -356,8 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.threads or workload["torch_threads"]
     torch.set_num_threads(threads)
     set_seed(workload["seed"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = wl.matmul_peak_gflops(threads, device=device, dtype=args.dtype if device == "cuda" else "float32")
+    peak = wl.matmul_peak_gflops(threads, args.dtype)
 
     trainer = make_trainer(workload, models, workdir, updates, args.dtype)
     assert torch.get_num_threads() == threads, "something changed torch's thread count"
@@ -390,8 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fraction_of_peak": round(gflop / s_per_update / peak, 4),
         "threads": threads,
         "dtype": args.dtype,
-        "device": device,
-        **wl.device_report(device),
+        **wl.device_report(),
         "workload": {k: workload["policy_and_reference"][k] for k in ("n_layer", "n_head", "n_embd")},
         "updates_timed": len(times),
         "update_times": [round(t, 4) for t in times],

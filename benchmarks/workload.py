@@ -172,11 +172,20 @@ def nominal_flops_per_update(workload: dict[str, Any]) -> float:
     return float(generation + forwards + training)
 
 
-def matmul_peak_gflops(threads: int, seconds: float = 1.5, device: str = "cpu", dtype: str = "float32") -> float:
-    """The matmul rate (GFLOP/s) of this CPU at ``threads`` threads, or of the GPU when ``device`` is "cuda", in
+def compute_device() -> str:
+    """Where the benchmarks' models run: the GPU when there is one (both trainers put them there), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_peak_gflops(threads: int, dtype: str = "float32", seconds: float = 1.5) -> float:
+    """The matmul rate (GFLOP/s) of this CPU at ``threads`` threads in float32, or of the GPU when there is one in
     ``dtype``: the best of repeated n^3 products (n = 1024 on a CPU, 8192 on a GPU)."""
     import torch
 
+    device = compute_device()
+    dtype = dtype if device == "cuda" else "float32"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     n = 8192 if device == "cuda" else 1024
@@ -195,13 +204,14 @@ def matmul_peak_gflops(threads: int, seconds: float = 1.5, device: str = "cpu", 
     return best
 
 
-def device_report(device: str) -> dict[str, Any]:
-    """The GPU's name and this process's peak GPU memory, when the run was on one."""
+def device_report() -> dict[str, Any]:
+    """Where the run was; on a GPU also the card's name and this process's peak GPU memory."""
+    device = compute_device()
     if device != "cuda":
-        return {}
+        return {"device": device}
     import torch
 
-    return {"gpu": torch.cuda.get_device_name(0),
+    return {"device": device, "gpu": torch.cuda.get_device_name(0),
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)}
 
 
