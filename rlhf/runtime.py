@@ -72,6 +72,18 @@ def fused_adamw(state: Any, device_type: str) -> bool:
     return device_type in ("cpu", "cuda") and not is_deepspeed(state)
 
 
+def onednn_linears(accelerator: Any, model: Any) -> bool:
+    """Whether a stage packs its linear layers for oneDNN (`rlhf.onednn.packed_linears`): the model config
+    (``model.onednn_linears``) asks for it, and neither DeepSpeed (whose ZeRO-3 gathers a layer's weight only inside
+    its forward) nor ``torch.compile`` (accelerate's dynamo backend, which traces the forwards itself) runs the
+    modules. ``accelerator``: the stage's ``Accelerator`` (a Trainer's ``trainer.accelerator``) or process state."""
+    if not model.onednn_linears or is_deepspeed(accelerator):
+        return False
+    plugin = getattr(getattr(accelerator, "state", accelerator), "dynamo_plugin", None)
+    backend = getattr(plugin, "backend", None)
+    return str(getattr(backend, "value", "no") or "no").lower() == "no"
+
+
 def default_threads(cpu_count: int, local_processes: int) -> int:
     """torch threads per process when the config leaves them open: the cores shared by this machine's processes."""
     return max(1, cpu_count // max(1, local_processes))

@@ -19,7 +19,7 @@ import torch
 
 from rlhf.checkpoint import checkpoints_dir
 from rlhf.errors import is_storage_failure, storage_error
-from rlhf.runtime import distributed_state, fused_adamw
+from rlhf.runtime import distributed_state, fused_adamw, onednn_linears
 from rlhf.signals import FAULT_ENV, StageInterrupted, fault_point
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,18 @@ def sort_micro_batches(trainer: Any, train: Any) -> bool:
         return StepSortedSampler(lengths, step_size, seed)
 
     trainer._get_train_sampler = sampler  # the Trainer's hook for its training sampler (transformers 5)
+    return True
+
+
+def pack_linears(trainer: Any, model: Any) -> bool:
+    """Have a TRL/transformers ``trainer`` run its model's linear layers through oneDNN, packed once per optimiser
+    step (`rlhf.onednn.packed_linears_callback`), when the stage's model config ``model`` asks for it and the
+    trainer's accelerator allows it (`rlhf.runtime.onednn_linears`). Returns whether it did."""
+    from rlhf.onednn import packed_linears_callback
+
+    if not onednn_linears(trainer.accelerator, model):
+        return False
+    trainer.add_callback(packed_linears_callback(trainer.model))
     return True
 
 

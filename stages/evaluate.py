@@ -7,6 +7,7 @@ policy's KL to the SFT policy (the reference). Writes ``<run_dir>/evaluate/eval.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -20,7 +21,8 @@ from rlhf.data import prepare_dataset
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.models import check_model_source, is_encoder, load_causal_lm, load_sequence_scorer, load_tokenizer
 from rlhf.ppo.rollout import GenerationSettings, policy_forward
-from rlhf.runtime import StageRun, distributed_state
+from rlhf.onednn import packed_linears
+from rlhf.runtime import StageRun, distributed_state, onednn_linears
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StopRequest
 from rlhf.text import TextContract
@@ -94,11 +96,16 @@ def run(cfg: EvaluateConfig) -> Path:
         # 3. The same prompts and random streams for both policies.
         indices = list(range(state.process_index, len(texts), state.num_processes))
         results = {}
-        for name, policy in (("sft", sft), ("ppo", ppo)):
-            records = evaluate_policy(policy, reference, scorer, prompts, indices, settings, seed=cfg.seed,
-                                      device=device, batch_size=cfg.batch_size, gold_judge=use_gold,
-                                      progress=f"evaluate {name}" if state.is_main_process else None, stop=stop)
-            results[name] = sorted(gather_object(records), key=lambda r: r["index"])
+        # oneDNN's packed linears (CPU, float32): the weights stay frozen for the whole evaluation.
+        with contextlib.ExitStack() as packing:
+            for model, model_cfg in ((sft, cfg.sft_model), (ppo, cfg.ppo_model), (reward, cfg.reward_model)):
+                packing.enter_context(packed_linears(model, enabled=onednn_linears(state, model_cfg)))
+            for name, policy in (("sft", sft), ("ppo", ppo)):
+                records = evaluate_policy(policy, reference, scorer, prompts, indices, settings, seed=cfg.seed,
+                                          device=device, batch_size=cfg.batch_size, gold_judge=use_gold,
+                                          progress=f"evaluate {name}" if state.is_main_process else None,
+                                          stop=stop)
+                results[name] = sorted(gather_object(records), key=lambda r: r["index"])
 
         # 4. Summaries, pairwise win rates, the sample table, eval.json.
         report: dict[str, Any] = {"num_prompts": len(texts), "settings": settings_cfg,

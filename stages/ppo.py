@@ -56,7 +56,8 @@ from rlhf.ppo.losses import explained_variance_from_moments, policy_loss, value_
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
 from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
-from rlhf.runtime import StageRun, distributed_state, fused_adamw, is_deepspeed
+from rlhf.onednn import packed_linears
+from rlhf.runtime import StageRun, distributed_state, fused_adamw, is_deepspeed, onednn_linears
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
 from rlhf.text import TextContract
@@ -377,6 +378,15 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         critic_head = score_module(unwrapped.critic)
         reuse_logprobs = (cfg.rollout.generation_logprobs
                           and next(unwrapped.policy.parameters()).dtype == torch.float32)
+        # oneDNN's packed linears (CPU, float32): packed per rollout (weights fixed) and per training micro-batch.
+        pack_trained = onednn_linears(accelerator, cfg.model)
+        pack_reward = onednn_linears(accelerator, cfg.reward_model)
+
+        def packed_for_inference() -> contextlib.ExitStack:
+            block = contextlib.ExitStack()
+            block.enter_context(packed_linears(unwrapped, reference, enabled=pack_trained))
+            block.enter_context(packed_linears(scorer.model, enabled=pack_reward))
+            return block
         # The models, tokenizers and prompts live for the whole run: keep the cyclic collector off them.
         gc.collect()
         gc.freeze()
@@ -404,7 +414,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         def run_eval(update: int) -> dict[str, float]:
             indices = list(range(state.process_index, len(eval_prompts.prompts), state.num_processes))
             unwrapped.eval()
-            with gathered_for_generation(accelerator, unwrapped.policy):
+            with gathered_for_generation(accelerator, unwrapped.policy), packed_for_inference():
                 records = evaluate_policy(unwrapped.policy, reference_logprobs, scorer, eval_prompts, indices,
                                           settings, seed=cfg.seed, device=device,
                                           batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold,
@@ -444,7 +454,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             indices = list(range(first, first + local_batch))
             prompt_rows = [prompts[g] for g in indices]
             unwrapped.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_for_inference():
                 parts = []
                 with gathered_for_generation(accelerator, unwrapped.policy):
                     for start in range(0, local_batch, cfg.rollout.micro_batch_size):
@@ -536,41 +546,46 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                     mb_tokens = accelerator.reduce(batch.rollout.response_mask[mb_rows].sum().float(), "sum")
                     # Micro-batches of similar lengths waste less compute on padding; the summed gradient is the same.
                     mb_rows = mb_rows[seq_lengths[mb_rows].argsort(stable=True)]
-                    for micro_rows in mb_rows.split(minibatch // micro_per_minibatch):
-                        mb = batch.select(micro_rows)
-                        with accelerator.accumulate(model):
-                            logprobs, entropy, values = model(mb.rollout.input_ids, mb.rollout.attention_mask,
-                                                              mb.old_logprobs.shape[1], temperature,
-                                                              True)
-                            m = mb.rollout.response_mask
-                            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m,
-                                                            clip_range=cfg.ppo.clip_range, num_tokens=mb_tokens)
-                            vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
-                                                           clip_range=cfg.ppo.value_clip_range, num_tokens=mb_tokens)
-                            loss = pg_loss + cfg.ppo.vf_coef * vf_loss
-                            if fault_injected("nan_loss", update + 1):
-                                loss = loss * float("nan")
-                            entropy_mean = masked_sum(entropy, m) / mb_tokens
-                            # DDP averages gradients over processes and accelerate divides by the accumulation
-                            # steps; undo both so the gradient is that of the global token-mean loss.
-                            accelerator.backward(loss * state.num_processes * micro_per_minibatch)
-                            norm = None
-                            if accelerator.sync_gradients:
-                                # The norm of the all-reduced gradient: the same on every process.
-                                norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                                   cfg.optim.max_grad_norm or float("inf"))
-                            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                                bad = "gradients"  # this step is not taken, nor the rest of the update
+                    # oneDNN packing for this minibatch's forwards and backwards: its one optimiser step comes
+                    # after the last of them.
+                    with packed_linears(unwrapped, enabled=pack_trained):
+                        for micro_rows in mb_rows.split(minibatch // micro_per_minibatch):
+                            mb = batch.select(micro_rows)
+                            with accelerator.accumulate(model):
+                                logprobs, entropy, values = model(mb.rollout.input_ids, mb.rollout.attention_mask,
+                                                                  mb.old_logprobs.shape[1], temperature,
+                                                                  True)
+                                m = mb.rollout.response_mask
+                                pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m,
+                                                                clip_range=cfg.ppo.clip_range,
+                                                                num_tokens=mb_tokens)
+                                vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
+                                                               clip_range=cfg.ppo.value_clip_range,
+                                                               num_tokens=mb_tokens)
+                                loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+                                if fault_injected("nan_loss", update + 1):
+                                    loss = loss * float("nan")
+                                entropy_mean = masked_sum(entropy, m) / mb_tokens
+                                # DDP averages gradients over processes and accelerate divides by the accumulation
+                                # steps; undo both so the gradient is that of the global token-mean loss.
+                                accelerator.backward(loss * state.num_processes * micro_per_minibatch)
+                                norm = None
+                                if accelerator.sync_gradients:
+                                    # The norm of the all-reduced gradient: the same on every process.
+                                    norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                       cfg.optim.max_grad_norm or float("inf"))
+                                if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                                    bad = "gradients"  # this step is not taken, nor the rest of the update
+                                    optimizer.zero_grad()
+                                    break
+                                optimizer.step()
+                                if accelerator.sync_gradients:
+                                    scheduler.step()
+                                    optimizer_steps += 1
                                 optimizer.zero_grad()
-                                break
-                            optimizer.step()
-                            if accelerator.sync_gradients:
-                                scheduler.step()
-                                optimizer_steps += 1
-                            optimizer.zero_grad()
-                        sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
-                                             pg_stats["approx_kl"], entropy_mean.detach(), vf_stats["clipfrac"],
-                                             pg_stats["ratio"], torch.zeros((), device=device)]).double()
+                            sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
+                                                 pg_stats["approx_kl"], entropy_mean.detach(), vf_stats["clipfrac"],
+                                                 pg_stats["ratio"], torch.zeros((), device=device)]).double()
             train_s = time.perf_counter() - t1
 
             # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.

@@ -33,7 +33,7 @@ from rlhf.models import (
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import RewardText
-from rlhf.trl_bridge import sort_micro_batches, train_resumable, trainer_kwargs
+from rlhf.trl_bridge import pack_linears, sort_micro_batches, train_resumable, trainer_kwargs
 
 Config = RewardConfig
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def run(cfg: RewardConfig) -> Path:
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
         )
         sort_micro_batches(trainer, cfg.train)
+        pack_linears(trainer, cfg.model)
         result, train_s = train_resumable(trainer, stage="reward", output_dir=stage.output_dir,
                                           resume=cfg.checkpoint.resume, stop=stop)
 

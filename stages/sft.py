@@ -21,7 +21,7 @@ from rlhf.models import apply_peft, check_model_source, count_parameters, load_c
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import TextContract
-from rlhf.trl_bridge import sort_micro_batches, train_resumable, trainer_kwargs
+from rlhf.trl_bridge import pack_linears, sort_micro_batches, train_resumable, trainer_kwargs
 
 Config = SFTConfig
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def run(cfg: SFTConfig) -> Path:
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
         )
         sort_micro_batches(trainer, cfg.train)
+        pack_linears(trainer, cfg.model)
         result, train_s = train_resumable(trainer, stage="sft", output_dir=stage.output_dir,
                                           resume=cfg.checkpoint.resume, stop=stop)
 

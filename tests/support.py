@@ -236,3 +236,19 @@ def spy_on_step_sorting(monkeypatch) -> list:
 
     monkeypatch.setattr(StepSortedSampler, "__iter__", spy)
     return seen
+
+
+def spy_on_packed_products(monkeypatch) -> list:
+    """Pack every linear layer, however small (the tiny models' are under `rlhf.onednn.MIN_PACKED_WEIGHTS`), and
+    record one entry per product that runs through oneDNN's packed kernel; skips the test without oneDNN."""
+    import pytest
+
+    import rlhf.onednn as onednn
+
+    if not onednn.available():
+        pytest.skip("this torch has no oneDNN linear kernels")
+    monkeypatch.setattr(onednn, "MIN_PACKED_WEIGHTS", 1)
+    products = []
+    real = onednn._linear
+    monkeypatch.setattr(onednn, "_linear", lambda *args: products.append(1) or real(*args))
+    return products

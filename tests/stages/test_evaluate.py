@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import demo_rows, save_tiny_sft_and_reward, write_jsonl
+from support import demo_rows, save_tiny_sft_and_reward, spy_on_packed_products, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import EvaluateConfig, PPOConfig, load_config
@@ -47,6 +47,22 @@ def test_evaluation_compares_the_policies_and_writes_eval_json(setup):
     rows = [r for r in read_samples(out) if r["table"] == "eval_samples"]
     assert len(rows) == 5 and {"sft_response", "ppo_response", "sft_score", "ppo_score"} <= rows[0].keys()
     assert read_manifest(out)["eval"] == report
+
+
+def test_onednn_packed_linears_give_the_same_evaluation(setup, monkeypatch):
+    _, _, _, ppo_out, _ = setup
+    packed_products = spy_on_packed_products(monkeypatch)
+    reports = {}
+    for flag in ("true", "false"):
+        before = len(packed_products)
+        flags = [f"{model}.onednn_linears={flag}" for model in ("sft_model", "ppo_model", "reward_model")]
+        out = evaluate.run(_cfg(setup, f"eval-onednn-{flag}", ppo_out / "policy", *flags))
+        reports[flag] = (json.loads((out / evaluate.EVAL_FILE).read_text()), len(packed_products) - before)
+    assert reports["true"][1] > 0 and reports["false"][1] == 0
+    packed, plain = reports["true"][0], reports["false"][0]
+    for policy in ("sft", "ppo"):
+        for key in ("score_mean", "kl", "response_len", "gold_combined"):
+            assert packed[policy][key] == pytest.approx(plain[policy][key], rel=1e-5, abs=1e-5), (policy, key)
 
 
 def test_a_policy_against_itself_ties_everywhere(setup):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support import (demo_rows, plain_tokenizer, save_reward_model, save_tiny_causal_lm, save_tiny_sft_and_reward,
-                     train_tokenizer, write_jsonl)
+                     spy_on_packed_products, train_tokenizer, write_jsonl)
 
 from rlhf.checkpoint import list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, load_config
@@ -250,3 +250,20 @@ def test_missing_upstream_with_several_processes_names_the_command(setup, monkey
     monkeypatch.setattr(ppo, "distributed_state", lambda: SimpleNamespace(num_processes=2, is_main_process=True))
     with pytest.raises(CheckpointError, match=r"accelerate launch launch/sft.py run_dir=.*fresh"):
         ppo.build_missing_upstream(cfg)
+
+
+def test_onednn_packed_linears_run_the_same_update(setup, monkeypatch):
+    packed_products = spy_on_packed_products(monkeypatch)
+    runs = {}
+    for flag in ("true", "false"):
+        before = len(packed_products)
+        out = ppo.run(_cfg(setup, f"onednn-{flag}", f"model.onednn_linears={flag}",
+                           f"reward_model.onednn_linears={flag}"))
+        rows = [r for r in read_metrics(out) if "rollout/kl" in r]
+        runs[flag] = (rows[0], load_file(out / "policy" / "model.safetensors"), len(packed_products) - before)
+    # Generation, the scoring passes and training all went through the packed kernel; nothing did when switched off.
+    assert runs["true"][2] > 0 and runs["false"][2] == 0
+    for key in ("rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/entropy"):
+        assert runs["true"][0][key] == pytest.approx(runs["false"][0][key], rel=1e-5, abs=1e-5), key
+    for name, tensor in runs["false"][1].items():
+        assert torch.allclose(runs["true"][1][name], tensor, atol=1e-5), name

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support import (chatml_tokenizer, demo_rows, mean_batch_spread, plain_tokenizer, save_tiny_causal_lm,
-                     spy_on_length_grouping, spy_on_step_sorting, write_jsonl)
+                     spy_on_length_grouping, spy_on_packed_products, spy_on_step_sorting, write_jsonl)
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import SFTConfig, load_config
@@ -155,3 +155,18 @@ def test_group_by_length_sorts_sft_examples_into_batches_of_similar_length(base,
     assert seen and all(torch.isfinite(torch.tensor(losses)))
     order, lengths = seen[0]
     assert mean_batch_spread(order, lengths, 4) < 0.5 * (max(lengths) - min(lengths))
+
+
+def test_onednn_packed_linears_train_the_same_sft_model(base, monkeypatch):
+    packed_products = spy_on_packed_products(monkeypatch)
+    root, model, data = base
+    runs = {}
+    for flag in ("true", "false"):
+        before = len(packed_products)
+        out = sft.run(_cfg(root, model, data, f"onednn-{flag}", f"model.onednn_linears={flag}", "train.max_steps=4"))
+        runs[flag] = (_losses(out), _weights(out), len(packed_products) - before)
+    # Every micro-batch's forward ran through the packed kernel when asked to, none otherwise.
+    assert runs["true"][2] > 0 and runs["false"][2] == 0
+    assert runs["true"][0] == pytest.approx(runs["false"][0], abs=1e-5)
+    for name, tensor in runs["false"][1].items():
+        assert torch.allclose(runs["true"][1][name], tensor, atol=1e-5), name
