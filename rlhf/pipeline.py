@@ -457,15 +457,26 @@ def stage_command(spec: StageSpec, overrides: Sequence[str]) -> list[str]:
 
 def launch_stage_process(spec: StageSpec, overrides: Sequence[str]) -> int:
     """Run a stage as its own ``accelerate launch`` process; SIGTERM sent to the pipeline is passed on to it, so it
-    saves a checkpoint and stops as it would when launched alone. accelerate's single-process launcher exits at
-    once on SIGTERM; the stage process then gets its own SIGTERM (`rlhf.signals.stop_with_launcher`) and this
-    process, which adopts it, waits for it and returns its exit status."""
+    saves a checkpoint and stops as it would when launched alone. Returns the stage's exit status:
+
+    - accelerate before 1.16 exits at once on SIGTERM; the stage process then gets its own SIGTERM
+      (`rlhf.signals.stop_with_launcher`) and this process, which adopts it, waits for it and returns its status;
+    - accelerate 1.16 passes SIGTERM on to the stage, waits for it (and kills it after 5 s) and then exits with
+      128 + SIGTERM itself. After a SIGTERM this process passed on, that status means the stage was interrupted.
+    """
+    from rlhf.signals import EXIT_INTERRUPTED
+
     command = stage_command(spec, overrides)
     logger.info("%s: %s", spec.name, " ".join(command[1:]))
     adopted = adopt_orphans()
     earlier = _children() if adopted else set()
     process = subprocess.Popen(command)
-    forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+    terminated = []
+
+    def forward(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        process.send_signal(signum)
+
     previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
     try:
         while True:
@@ -474,7 +485,11 @@ def launch_stage_process(spec: StageSpec, overrides: Sequence[str]) -> int:
                 break
             except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it save its checkpoint and stop
                 continue
-        return _wait_for_adopted(status, earlier) if adopted else status
+        if adopted:
+            status = _wait_for_adopted(status, earlier)
+        if terminated and status in (128 + signal.SIGTERM, -signal.SIGTERM):
+            return EXIT_INTERRUPTED
+        return status
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

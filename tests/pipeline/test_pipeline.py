@@ -293,3 +293,28 @@ def test_pipeline_main_refuses_to_run_under_a_distributed_launcher(monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert pipeline_main([str(REPO_ROOT / "configs/pipeline/demo.yaml")]) == 2
     assert "run it with python" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("terminated", [True, False])
+def test_a_launcher_that_reports_the_sigterm_it_passed_on_counts_as_interrupted(tmp_path, monkeypatch, terminated):
+    """accelerate 1.16 passes SIGTERM on to the stage, waits for it and exits with 128 + SIGTERM: after a SIGTERM
+    the pipeline passed on, that is an interrupted stage (75, resumable); the same status without one is not."""
+    import signal
+    import threading
+
+    from rlhf import pipeline
+    from rlhf.pipeline import StageSpec
+    from rlhf.signals import EXIT_INTERRUPTED
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text("import signal, sys, time\n"
+                        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))\n"
+                        "print('ready', flush=True)\n"
+                        f"time.sleep(30) if {terminated} else sys.exit(128 + signal.SIGTERM)\n")
+    monkeypatch.setattr(pipeline, "stage_command", lambda spec, overrides: [sys.executable, str(launcher)])
+    before = signal.getsignal(signal.SIGTERM)
+    if terminated:
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    status = pipeline.launch_stage_process(StageSpec("sft", target="stages.sft:run"), [])
+    assert status == (EXIT_INTERRUPTED if terminated else 128 + signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before  # the pipeline's own handler is back
