@@ -2,15 +2,20 @@
 
 For each held-out prompt the SFT model samples two responses (temperature 1, an explicit generation config, stop at
 the stop token); a pair counts when the gold judge's combined scores differ by more than ``min_gap``, and agreement
-is the share of those pairs the reward model orders the same way.
+is the share of those pairs the reward model orders the same way. With ``--pairs generator`` the pairs are fresh
+ones from the preference data's own generator instead (prompts about the held-out products, which no training row is
+about; no SFT model needed): how well the reward model learned the distribution it was trained on, as the gold judge
+sees it.
 
     python -m rlhf.demo.agreement --sft runs/demo/sft --reward runs/demo/reward
+    python -m rlhf.demo.agreement --pairs generator --reward runs/demo/reward
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -82,24 +87,56 @@ def gold_agreement(sft_dir: str | Path, prompts: Sequence[str], score: Callable[
     return {"agreement_combined": combined, "pairs": n, "agreement_sentiment": sent, "pairs_sentiment": n_sent}
 
 
+def generator_agreement(score: Callable[[list[tuple[str, str]]], torch.Tensor], num_pairs: int, *, seed: int = 0,
+                        min_gap: float = 0.01) -> dict[str, float]:
+    """Agreement of ``score`` ((prompt, response) texts -> scores) with the gold judge on ``num_pairs`` fresh
+    candidate pairs from the demo's preference generator, about the held-out products. Every candidate is a
+    finished review (ended with EOS)."""
+    from rlhf.demo.build import EVAL_PRODUCTS, candidate_pair
+
+    rng = random.Random(f"rlhf.demo.agreement:{seed}")
+    triples = [candidate_pair(rng, EVAL_PRODUCTS) for _ in range(num_pairs)]
+    gold = [(judge(p, a, True).combined, judge(p, b, True).combined) for p, a, b in triples]
+    sentiment = [(judge(p, a, True).sentiment, judge(p, b, True).sentiment) for p, a, b in triples]
+    scores = score([(p, r) for p, a, b in triples for r in (a, b)]).tolist()
+    pairs = list(zip(scores[0::2], scores[1::2]))
+    combined, n = pair_agreement(gold, pairs, min_gap)
+    sent, n_sent = pair_agreement(sentiment, pairs, min_gap)
+    return {"agreement_combined": combined, "pairs": n, "agreement_sentiment": sent, "pairs_sentiment": n_sent}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.models import score_sequences
+    from rlhf.models import is_encoder, score_sequences
+    from rlhf.text import RewardText
 
     parser = argparse.ArgumentParser(prog="python -m rlhf.demo.agreement", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sft", required=True)
+    parser.add_argument("--pairs", choices=["sft", "generator"], default="sft",
+                        help="two SFT samples per held-out prompt (default), or fresh pairs from the generator")
+    parser.add_argument("--sft", help="the SFT output that samples the pairs (--pairs sft)")
     parser.add_argument("--reward", required=True)
     parser.add_argument("--prompts", default="data/demo/eval_prompts.jsonl")
-    parser.add_argument("--num-prompts", type=int, default=500)
+    parser.add_argument("--num-prompts", type=int, default=500, help="held-out prompts, or generator pairs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    with open(args.prompts, encoding="utf-8") as handle:
-        prompts = [json.loads(line)["prompt"] for line in handle][: args.num_prompts]
+    if args.pairs == "sft" and not args.sft:
+        parser.error("--pairs sft needs --sft (the SFT output whose samples are compared)")
     scorer = AutoModelForSequenceClassification.from_pretrained(args.reward).eval()
-    pad = AutoTokenizer.from_pretrained(args.reward).pad_token_id
-    result = gold_agreement(args.sft, prompts, lambda seqs: score_sequences(scorer, seqs, pad_token_id=pad),
-                            seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.reward)
+    pad = tokenizer.pad_token_id
+
+    def score_ids(seqs: list[list[int]]) -> torch.Tensor:
+        return score_sequences(scorer, seqs, pad_token_id=pad)
+
+    if args.pairs == "generator":
+        text = RewardText.for_model(tokenizer, is_encoder=is_encoder(args.reward))  # as reward training reads it
+        result = generator_agreement(lambda texts: score_ids([text.ids(p, r) for p, r in texts]), args.num_prompts,
+                                     seed=args.seed)
+    else:
+        with open(args.prompts, encoding="utf-8") as handle:
+            prompts = [json.loads(line)["prompt"] for line in handle][: args.num_prompts]
+        result = gold_agreement(args.sft, prompts, score_ids, seed=args.seed)
     print(json.dumps(result))
     return 0
 

@@ -127,15 +127,22 @@ def make_sft(seed: int, n: int) -> list[dict[str, str]]:
     return rows
 
 
+def candidate_pair(rng: random.Random, products: tuple[str, ...] = TRAIN_PRODUCTS) -> tuple[str, str, str]:
+    """(prompt, first, second): a prompt about one of ``products`` and two different candidate continuations, as
+    the preference data pairs them before the annotator labels them."""
+    review, cut, prompt, _ = _prompted_review(rng, products)
+    first = _candidate(review, cut, prompt, rng)
+    second = _candidate(review, cut, prompt, rng)
+    while second == first:
+        second = _candidate(review, cut, prompt, rng)
+    return prompt, first, second
+
+
 def make_preferences(seed: int, n: int) -> list[dict[str, str]]:
     rng, annotator_rng = _rng(seed, "preferences"), _rng(seed, "annotator")
     rows = []
     for _ in range(n):
-        review, cut, prompt, _ = _prompted_review(rng, TRAIN_PRODUCTS)
-        first = _candidate(review, cut, prompt, rng)
-        second = _candidate(review, cut, prompt, rng)
-        while second == first:
-            second = _candidate(review, cut, prompt, rng)
+        prompt, first, second = candidate_pair(rng, TRAIN_PRODUCTS)
         chosen, rejected = annotate(prompt, first, second, annotator_rng)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows

@@ -12,3 +12,36 @@ def test_pair_agreement_counts_only_pairs_with_a_gold_gap():
     assert pair_agreement(gold, gold) == (1.0, 3)
     value, count = pair_agreement([(0.5, 0.5)], [(1.0, 0.0)])
     assert math.isnan(value) and count == 0
+
+
+def test_generator_agreement_orders_fresh_generator_pairs_against_the_gold_judge():
+    import torch
+
+    from rlhf.demo.agreement import generator_agreement
+    from rlhf.demo.judge import judge
+
+    seen: list[tuple[str, str]] = []
+
+    def gold(texts: list[tuple[str, str]]) -> torch.Tensor:
+        seen.extend(texts)
+        return torch.tensor([judge(p, r, True).combined for p, r in texts])
+
+    result = generator_agreement(gold, 200, seed=3)
+    assert result["agreement_combined"] == 1.0 and 100 < result["pairs"] <= 200
+    assert generator_agreement(lambda texts: -gold(texts), 200, seed=3)["agreement_combined"] == 0.0
+    # Two different candidates to one prompt per pair; the same seed gives the same pairs, another seed others.
+    first = seen[:400]
+    assert all(a[0] == b[0] and a[1] != b[1] for a, b in zip(first[0::2], first[1::2]))
+    assert seen[400:800] == first
+    generator_agreement(gold, 200, seed=4)
+    assert seen[800:] != first
+
+
+def test_agreement_cli_needs_the_sft_model_for_sft_pairs(capsys):
+    import pytest
+
+    from rlhf.demo.agreement import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--reward", "unused"])
+    assert exit_info.value.code == 2 and "--pairs sft needs --sft" in capsys.readouterr().err
