@@ -96,8 +96,9 @@ def generator_agreement(score: Callable[[list[tuple[str, str]]], torch.Tensor], 
 
     rng = random.Random(f"rlhf.demo.agreement:{seed}")
     triples = [candidate_pair(rng, EVAL_PRODUCTS) for _ in range(num_pairs)]
-    gold = [(judge(p, a, True).combined, judge(p, b, True).combined) for p, a, b in triples]
-    sentiment = [(judge(p, a, True).sentiment, judge(p, b, True).sentiment) for p, a, b in triples]
+    judged = [(judge(p, a, True), judge(p, b, True)) for p, a, b in triples]
+    gold = [(ja.combined, jb.combined) for ja, jb in judged]
+    sentiment = [(ja.sentiment, jb.sentiment) for ja, jb in judged]
     scores = score([(p, r) for p, a, b in triples for r in (a, b)]).tolist()
     pairs = list(zip(scores[0::2], scores[1::2]))
     combined, n = pair_agreement(gold, pairs, min_gap)
