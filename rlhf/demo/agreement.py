@@ -36,6 +36,17 @@ def pair_agreement(gold: Sequence[tuple[float, float]], scores: Sequence[tuple[f
     return (agreed / counted if counted else float("nan")), counted
 
 
+def summarise_pairs(judged: Sequence[tuple[JudgeResult, JudgeResult]], scores: torch.Tensor,
+                    min_gap: float) -> dict[str, float]:
+    """Agreement with the gold judge's combined score and with its sentiment alone, for pairs judged as ``judged``
+    and scored as ``scores`` ([2 * pairs]: both responses of a pair next to each other)."""
+    flat = scores.tolist()
+    pairs = list(zip(flat[0::2], flat[1::2]))
+    combined, n = pair_agreement([(a.combined, b.combined) for a, b in judged], pairs, min_gap)
+    sent, n_sent = pair_agreement([(a.sentiment, b.sentiment) for a, b in judged], pairs, min_gap)
+    return {"agreement_combined": combined, "pairs": n, "agreement_sentiment": sent, "pairs_sentiment": n_sent}
+
+
 @torch.inference_mode()
 def sample_responses(model_dir: str | Path, prompts: Sequence[str], *, seed: int, max_new_tokens: int = 48,
                      batch_size: int = 64) -> list[tuple[list[int], list[int], str, bool]]:
@@ -71,20 +82,9 @@ def gold_agreement(sft_dir: str | Path, prompts: Sequence[str], score: Callable[
     """Agreement of ``score`` (token-id sequences -> scores) with the gold judge on two samples per prompt."""
     first = sample_responses(sft_dir, prompts, seed=seed)
     second = sample_responses(sft_dir, prompts, seed=seed + 1)
-    gold: list[tuple[float, float]] = []
-    sentiment: list[tuple[float, float]] = []
-    seqs: list[list[int]] = []
-    for prompt, a, b in zip(prompts, first, second):
-        ja: JudgeResult = judge(prompt, a[2], a[3])
-        jb: JudgeResult = judge(prompt, b[2], b[3])
-        gold.append((ja.combined, jb.combined))
-        sentiment.append((ja.sentiment, jb.sentiment))
-        seqs += [a[0] + a[1], b[0] + b[1]]
-    scores = score(seqs).tolist()
-    pairs = list(zip(scores[0::2], scores[1::2]))
-    combined, n = pair_agreement(gold, pairs, min_gap)
-    sent, n_sent = pair_agreement(sentiment, pairs, min_gap)
-    return {"agreement_combined": combined, "pairs": n, "agreement_sentiment": sent, "pairs_sentiment": n_sent}
+    judged = [(judge(prompt, a[2], a[3]), judge(prompt, b[2], b[3])) for prompt, a, b in zip(prompts, first, second)]
+    scores = score([seq for a, b in zip(first, second) for seq in (a[0] + a[1], b[0] + b[1])])
+    return summarise_pairs(judged, scores, min_gap)
 
 
 def generator_agreement(score: Callable[[list[tuple[str, str]]], torch.Tensor], num_pairs: int, *, seed: int = 0,
@@ -97,13 +97,7 @@ def generator_agreement(score: Callable[[list[tuple[str, str]]], torch.Tensor], 
     rng = random.Random(f"rlhf.demo.agreement:{seed}")
     triples = [candidate_pair(rng, EVAL_PRODUCTS) for _ in range(num_pairs)]
     judged = [(judge(p, a, True), judge(p, b, True)) for p, a, b in triples]
-    gold = [(ja.combined, jb.combined) for ja, jb in judged]
-    sentiment = [(ja.sentiment, jb.sentiment) for ja, jb in judged]
-    scores = score([(p, r) for p, a, b in triples for r in (a, b)]).tolist()
-    pairs = list(zip(scores[0::2], scores[1::2]))
-    combined, n = pair_agreement(gold, pairs, min_gap)
-    sent, n_sent = pair_agreement(sentiment, pairs, min_gap)
-    return {"agreement_combined": combined, "pairs": n, "agreement_sentiment": sent, "pairs_sentiment": n_sent}
+    return summarise_pairs(judged, score([(p, r) for p, a, b in triples for r in (a, b)]), min_gap)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
