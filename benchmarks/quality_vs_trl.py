@@ -383,6 +383,7 @@ def hyperparameter_table(cfg: PPOConfig, stop_ids: tuple[int, ...], trl_config: 
          "reward_model", "head rescaled to (s - mean) / std"],
         ["ppo.whiten_advantages", str(cfg.ppo.whiten_advantages), "(always in TRL)", "True"],
         ["ppo.critic_init", f"{cfg.ppo.critic_init} -> reward", "value_model", "reward checkpoint"],
+        ["critic output read as", "(v - mean) / std, the scores' units", "(as it is)", "raw reward-model units"],
         ["model.dtype", cfg.model.dtype, "bf16 / fp16", f"{trl_config['bf16']} / {trl_config['fp16']}"],
         ["rollout.max_prompt_len", str(cfg.rollout.max_prompt_len), "(prompt ids given)", "the same ids"],
     ]

@@ -497,6 +497,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 if cfg.rollout.score_norm == "first_rollout" and score_stats is None:
                     mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
                     score_stats = {"mean": mean.item(), "std": math.sqrt(var.item())}
+                old_values = critic_in_score_units(old_values, critic_source, score_stats)
                 scores = final_scores(raw_scores, rollout.stopped, score_stats,
                                       missing_stop_penalty=cfg.rollout.missing_stop_penalty,
                                       clip=cfg.rollout.score_clip)
@@ -559,6 +560,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                 pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m,
                                                                 clip_range=cfg.ppo.clip_range,
                                                                 num_tokens=mb_tokens)
+                                values = critic_in_score_units(values, critic_source, score_stats)
                                 vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
                                                                clip_range=cfg.ppo.value_clip_range,
                                                                num_tokens=mb_tokens)
@@ -714,6 +716,17 @@ def final_scores(raw_scores: torch.Tensor, stopped: torch.Tensor, stats: dict[st
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     return scores
+
+
+def critic_in_score_units(values: torch.Tensor, critic_source: str, stats: dict[str, float] | None) -> torch.Tensor:
+    """A critic started from the reward model outputs, at first, reward-model scores; PPO's returns are in the units
+    of the normalised scores (``final_scores``). Read its outputs through the same normalisation, so its first values
+    are the reward model's own estimates in those units instead of being off by the mean (and the scale) of the raw
+    scores. The critic keeps learning in raw units: its saved weights still score like the reward model. A critic
+    started from the policy (zero head) and un-normalised scores need nothing. [B, T] -> [B, T]."""
+    if critic_source != "reward" or stats is None:
+        return values
+    return (values - stats["mean"]) / max(stats["std"], 1e-6)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

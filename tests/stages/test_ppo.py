@@ -267,3 +267,52 @@ def test_onednn_packed_linears_run_the_same_update(setup, monkeypatch):
         assert runs["true"][0][key] == pytest.approx(runs["false"][0][key], rel=1e-5, abs=1e-5), key
     for name, tensor in runs["false"][1].items():
         assert torch.allclose(runs["true"][1][name], tensor, atol=1e-5), name
+
+
+def test_micro_batches_accumulate_to_the_minibatch_gradient(setup):
+    """A minibatch cut into micro-batches takes the same optimiser step as the minibatch in one pass: the losses
+    are token sums over the whole minibatch's tokens and the optimiser steps once per minibatch. (A large Adam
+    epsilon keeps the step proportional to the gradient: with the default, weights whose true gradient is 0, such as
+    the attention's key biases, would move by the learning rate in the direction of float32 rounding noise.)"""
+    before, after = {}, {}
+    for micro in (4, 2, 1):
+        seen = {}
+        ppo.run(_cfg(setup, f"micro{micro}", f"ppo.micro_batch_size={micro}", "optim.max_grad_norm=0",
+                     "optim.adam_epsilon=1e-2"),
+                on_update=lambda i, m: seen.__setitem__(i, (_snapshot(m.trained.policy),
+                                                            _snapshot(m.trained.critic))))
+        before[micro], after[micro] = seen[0], seen[1]
+    moved = max((a[k] - b[k]).abs().max().item() for b, a in zip(before[4], after[4]) for k in a)
+    assert moved > 1e-3
+    for micro in (2, 1):
+        for whole, split in zip(after[4], after[micro]):
+            for key in whole:
+                torch.testing.assert_close(split[key], whole[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("critic_init", ["reward", "policy"])
+def test_critic_from_the_reward_model_is_read_in_normalised_score_units(setup, monkeypatch, critic_init):
+    """The returns are in normalised-score units, so a critic started from the reward model (whose outputs are raw
+    scores) is read through the same normalisation; a critic started from the policy is read as it is."""
+    raw, seen = [], {}
+    original_values, original_gae = ppo.token_values, ppo.gae
+
+    def token_values(*args, **kwargs):
+        out = original_values(*args, **kwargs)
+        if "values" not in seen:  # the rollout's passes, before its advantages
+            raw.append(out.clone())
+        return out
+
+    def gae(rewards, values, mask, **kwargs):
+        seen.setdefault("values", values.clone())
+        return original_gae(rewards, values, mask, **kwargs)
+
+    monkeypatch.setattr(ppo, "token_values", token_values)
+    monkeypatch.setattr(ppo, "gae", gae)
+    out = ppo.run(_cfg(setup, f"units-{critic_init}", "rollout.score_norm=first_rollout",
+                       f"ppo.critic_init={critic_init}"))
+    stats = read_manifest(out)["score_norm"]
+    assert stats["std"] > 0 and abs(stats["mean"]) > 1e-3
+    raw_values = torch.cat(raw)
+    expected = (raw_values - stats["mean"]) / stats["std"] if critic_init == "reward" else raw_values
+    torch.testing.assert_close(seen["values"], expected, atol=1e-5, rtol=1e-5)
