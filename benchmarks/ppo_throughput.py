@@ -3,7 +3,7 @@
     python benchmarks/ppo_throughput.py [--updates 5] [--threads 2] [--dtype float32|bfloat16]
                                         [--response-tokens 48] [--rollouts 64] [--layers 4] [--width 256] [--heads 4]
                                         [--variable-length]
-                                        [--compile] [--set key.sub=value ...]
+                                        [--compile] [--profile FILE] [--set key.sub=value ...]
 
 It runs the real PPO stage (``stages.ppo.run``, default settings except what the workload fixes) on randomly
 initialised models built from the workload by ``benchmarks/workload.py``: a GPT-2 4x256 policy with a separate
@@ -20,7 +20,9 @@ per update) and ``contended`` when other processes used more than a tenth of a c
 table in ``benchmarks/README.md``, the larger size of ``benchmarks/gpu_check.sh``); on a GPU the models run there and
 the matmul peak is the GPU's in ``--dtype``. ``--variable-length`` uses a policy that samples EOS often and lets
 responses stop there (the fixed workload never stops), to show what the padding-aware paths save; ``--compile`` runs
-the training pass through torch.compile.
+the training pass through torch.compile. ``--profile FILE`` runs one more update after the timed ones under
+``torch.profiler`` (not timed), writes its operator table to FILE and adds ``profile`` to the JSON line: operator
+seconds by kind (matrix products, attention, the rest) and the update's wall time under the profiler.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="compile the training forward and backward with torch.compile (accelerate's "
                              "dynamo_backend=inductor); the compile time falls in the warm-up update")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="profile one extra, untimed update with torch.profiler; its operator table goes to FILE")
     parser.add_argument("--workdir", default=None, help="where the built workload is cached")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key of our PPO config (ablations), e.g. rollout.generation_logprobs=false")
@@ -124,13 +128,35 @@ def ppo_overrides(workload: dict[str, Any], models: Path, run_dir: Path, args: a
     ]
 
 
-class Probe:
-    """The update hook: a timestamp per update, and forward-call counters on the four models."""
+#: How the profile groups operators (by name) into kinds; the first pattern that matches wins.
+PROFILE_KINDS = (
+    ("matrix products", ("_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                         "aten::_addmm_activation")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+)
 
-    def __init__(self) -> None:
+
+def profile_kinds(events: Any) -> dict[str, float]:
+    """Self CPU seconds of a profile's operators, by kind (`PROFILE_KINDS`, else "other operators")."""
+    kinds = {name: 0.0 for name, _ in PROFILE_KINDS} | {"other operators": 0.0}
+    for event in events:
+        kind = next((name for name, patterns in PROFILE_KINDS if any(p in event.key for p in patterns)),
+                    "other operators")
+        kinds[kind] += event.self_cpu_time_total / 1e6
+    return kinds
+
+
+class Probe:
+    """The update hook: a timestamp per update, forward-call counters on the four models, and optionally a
+    torch.profiler over the update that starts at ``profile_update``."""
+
+    def __init__(self, profile_update: int | None = None) -> None:
         self.stamps: list[float] = []
         self.calls = {"reference": 0, "reward": 0, "critic": 0, "policy": 0}
         self.calls_at: list[dict[str, int]] = []
+        self.profile_update = profile_update
+        self.profiler: Any = None
+        self.profile_wall = 0.0
 
     def _count(self, name: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
@@ -145,8 +171,16 @@ class Probe:
             models.reward_model.register_forward_hook(self._count("reward"))
             models.trained.critic.register_forward_hook(self._count("critic"))
             models.trained.policy.register_forward_hook(self._count("policy"))
+        if self.profiler is not None:  # the profiled update has ended
+            self.profiler.stop()
+            self.profile_wall = time.perf_counter() - self.stamps[-1]
         self.stamps.append(time.perf_counter())
         self.calls_at.append(dict(self.calls))
+        if update == self.profile_update:
+            import torch.profiler
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.start()
+            self.stamps[-1] = time.perf_counter()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -166,17 +200,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"  # read by the stage's Accelerator()
     peak = wl.matmul_peak_gflops(threads, args.dtype)
-    probe = Probe()
+    warmup, timed_updates = workload["warmup_updates"], workload["timed_updates"]
+    probe = Probe(warmup + timed_updates if args.profile else None)
     with tempfile.TemporaryDirectory(prefix="ppo-throughput-") as tmp:
         overrides = ppo_overrides(workload, models, Path(tmp), args, threads) + args.overrides
+        if args.profile:
+            overrides.append(f"ppo.num_updates={warmup + timed_updates + 1}")
         cfg = load_config(PPOConfig, None, overrides)
         out = ppo.run(cfg, on_update=probe)
         rows = [r for r in read_metrics(out) if "time/rollout_s" in r]
     load = monitor.stop()
 
-    warmup = workload["warmup_updates"]
-    durations = [b - a for a, b in zip(probe.stamps, probe.stamps[1:])][warmup:]
-    timed = rows[warmup:]
+    durations = [b - a for a, b in zip(probe.stamps, probe.stamps[1:])][warmup:warmup + timed_updates]
+    timed = rows[warmup:warmup + timed_updates]
     s_per_update = statistics.median(durations)
     rollouts = workload["rollouts_per_update"]
     median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
@@ -184,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "reference": median("time/reference_s"), "reward": median("time/reward_s"),
               "training": median("time/train_s")}
     phases["other"] = max(s_per_update - sum(phases.values()), 0.0)
-    calls = [{k: b[k] - a[k] for k in a} for a, b in zip(probe.calls_at, probe.calls_at[1:])][warmup:]
+    calls = [{k: b[k] - a[k] for k in a}
+             for a, b in zip(probe.calls_at, probe.calls_at[1:])][warmup:warmup + timed_updates]
     flops = wl.nominal_flops_per_update(workload)
     result = {
         "impl": "rlhf",
@@ -219,6 +256,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         **load,
     }
+    if probe.profiler is not None:
+        events = probe.profiler.key_averages()
+        Path(args.profile).write_text(events.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
+        kinds = profile_kinds(events)
+        result["profile"] = {"file": args.profile, "wall_s": round(probe.profile_wall, 4),
+                             "operators_s": round(sum(kinds.values()), 4)} | {k: round(v, 4) for k, v in kinds.items()}
     print(json.dumps(result))
     return result
 
