@@ -3,7 +3,7 @@
     python benchmarks/ppo_throughput.py [--updates 5] [--threads 2] [--dtype float32|bfloat16]
                                         [--response-tokens 48] [--rollouts 64] [--layers 4] [--width 256] [--heads 4]
                                         [--variable-length]
-                                        [--compile] [--profile FILE] [--set key.sub=value ...]
+                                        [--compile] [--autocast] [--profile FILE] [--set key.sub=value ...]
 
 It runs the real PPO stage (``stages.ppo.run``, default settings except what the workload fixes) on randomly
 initialised models built from the workload by ``benchmarks/workload.py``: a GPT-2 4x256 policy with a separate
@@ -20,7 +20,9 @@ per update) and ``contended`` when other processes used more than a tenth of a c
 table in ``benchmarks/README.md``, the larger size of ``benchmarks/gpu_check.sh``); on a GPU the models run there and
 the matmul peak is the GPU's in ``--dtype``. ``--variable-length`` uses a policy that samples EOS often and lets
 responses stop there (the fixed workload never stops), to show what the padding-aware paths save; ``--compile`` runs
-the training pass through torch.compile. ``--profile FILE`` runs one more update after the timed ones under
+the training pass through torch.compile; ``--autocast`` runs it under bf16 autocast (accelerate's
+``mixed_precision=bf16``, as `accelerate launch --mixed_precision bf16` does; rollouts keep the weights' dtype).
+``--profile FILE`` runs one more update after the timed ones under
 ``torch.profiler`` (not timed), writes its operator table to FILE and adds ``profile`` to the JSON line: operator
 seconds by kind (matrix products, attention, the rest) and the update's wall time under the profiler.
 """
@@ -63,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="compile the training forward and backward with torch.compile (accelerate's "
                              "dynamo_backend=inductor); the compile time falls in the warm-up update")
+    parser.add_argument("--autocast", action="store_true",
+                        help="bf16 autocast in the training pass (accelerate's mixed_precision=bf16); generation "
+                             "and the scoring passes keep the weights' dtype")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="profile one extra, untimed update with torch.profiler; its operator table goes to FILE")
     parser.add_argument("--workdir", default=None, help="where the built workload is cached")
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from stages import ppo
 
     torch.set_num_threads(threads)
+    if args.autocast:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # read by the stage's Accelerator()
     if args.compile:
         os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"  # read by the stage's Accelerator()
     peak = wl.matmul_peak_gflops(threads, args.dtype)
@@ -238,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         **wl.device_report(),
         "compile": args.compile,
+        "autocast": "bf16" if args.autocast else None,
         "updates_timed": len(durations),
         "overrides": args.overrides,
         "update_times": [round(d, 4) for d in durations],
