@@ -1,13 +1,15 @@
 """How well a learned reward model agrees with the gold judge on fresh pairs of the SFT model's own samples.
 
-For each held-out prompt the SFT model samples two responses (temperature 1, an explicit generation config, stop at
-the stop token); a pair counts when the gold judge's combined scores differ by more than ``min_gap``, and agreement
+For each held-out prompt the SFT model samples two responses (temperature 1 and at most 48 new tokens unless
+``--temperature`` / ``--max-new-tokens`` say otherwise, e.g. the demo PPO's 0.5 and 24; an explicit generation config;
+stop at the stop token); a pair counts when the gold judge's combined scores differ by more than ``min_gap``, and agreement
 is the share of those pairs the reward model orders the same way. With ``--pairs generator`` the pairs are fresh
 ones from the preference data's own generator instead (prompts about the held-out products, which no training row is
 about; no SFT model needed): how well the reward model learned the distribution it was trained on, as the gold judge
 sees it.
 
     python -m rlhf.demo.agreement --sft runs/demo/sft --reward runs/demo/reward
+    python -m rlhf.demo.agreement --sft runs/demo/sft --reward runs/demo/reward --temperature 0.5 --max-new-tokens 24
     python -m rlhf.demo.agreement --pairs generator --reward runs/demo/reward
 """
 
@@ -49,8 +51,9 @@ def summarise_pairs(judged: Sequence[tuple[JudgeResult, JudgeResult]], scores: t
 
 @torch.inference_mode()
 def sample_responses(model_dir: str | Path, prompts: Sequence[str], *, seed: int, max_new_tokens: int = 48,
-                     batch_size: int = 64) -> list[tuple[list[int], list[int], str, bool]]:
-    """(prompt ids, response ids, response text, stopped) for each prompt, sampled at temperature 1."""
+                     temperature: float = 1.0, batch_size: int = 64) -> list[tuple[list[int], list[int], str, bool]]:
+    """(prompt ids, response ids, response text, stopped) for each prompt, sampled at ``temperature`` without
+    top-k or top-p."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from rlhf.text import TextContract
@@ -59,7 +62,7 @@ def sample_responses(model_dir: str | Path, prompts: Sequence[str], *, seed: int
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     contract = TextContract.from_tokenizer(tokenizer)
     # Explicit sampling settings: the checkpoint's generation_config.json must not change what is measured.
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=list(contract.stop_token_ids), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     out = []
@@ -78,10 +81,12 @@ def sample_responses(model_dir: str | Path, prompts: Sequence[str], *, seed: int
 
 
 def gold_agreement(sft_dir: str | Path, prompts: Sequence[str], score: Callable[[list[list[int]]], torch.Tensor],
-                   *, seed: int = 0, min_gap: float = 0.01) -> dict[str, float]:
+                   *, seed: int = 0, min_gap: float = 0.01, temperature: float = 1.0,
+                   max_new_tokens: int = 48) -> dict[str, float]:
     """Agreement of ``score`` (token-id sequences -> scores) with the gold judge on two samples per prompt."""
-    first = sample_responses(sft_dir, prompts, seed=seed)
-    second = sample_responses(sft_dir, prompts, seed=seed + 1)
+    sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+    first = sample_responses(sft_dir, prompts, seed=seed, **sampling)
+    second = sample_responses(sft_dir, prompts, seed=seed + 1, **sampling)
     judged = [(judge(prompt, a[2], a[3]), judge(prompt, b[2], b[3])) for prompt, a, b in zip(prompts, first, second)]
     scores = score([seq for a, b in zip(first, second) for seq in (a[0] + a[1], b[0] + b[1])])
     return summarise_pairs(judged, scores, min_gap)
@@ -114,9 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", default="data/demo/eval_prompts.jsonl")
     parser.add_argument("--num-prompts", type=int, default=500, help="held-out prompts, or generator pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the SFT pairs")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="response length limit of the SFT pairs")
     args = parser.parse_args(argv)
     if args.pairs == "sft" and not args.sft:
         parser.error("--pairs sft needs --sft (the SFT output whose samples are compared)")
+    if args.temperature <= 0 or args.max_new_tokens < 1:
+        parser.error(f"--temperature must be > 0 and --max-new-tokens >= 1 (got {args.temperature}, "
+                     f"{args.max_new_tokens})")
     scorer = AutoModelForSequenceClassification.from_pretrained(args.reward).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.reward)
     pad = tokenizer.pad_token_id
@@ -131,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         with open(args.prompts, encoding="utf-8") as handle:
             prompts = [json.loads(line)["prompt"] for line in handle][: args.num_prompts]
-        result = gold_agreement(args.sft, prompts, score_ids, seed=args.seed)
+        result = gold_agreement(args.sft, prompts, score_ids, seed=args.seed, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens)
     print(json.dumps(result))
     return 0
 

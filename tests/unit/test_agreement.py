@@ -45,3 +45,31 @@ def test_agreement_cli_needs_the_sft_model_for_sft_pairs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--reward", "unused"])
     assert exit_info.value.code == 2 and "--pairs sft needs --sft" in capsys.readouterr().err
+
+
+def test_agreement_cli_refuses_a_non_positive_temperature_or_length(capsys):
+    import pytest
+
+    from rlhf.demo.agreement import main
+
+    for bad in (["--temperature", "0"], ["--max-new-tokens", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--sft", "unused", "--reward", "unused", *bad])
+        assert exit_info.value.code == 2 and "--temperature must be > 0" in capsys.readouterr().err
+
+
+def test_sft_pairs_are_sampled_at_the_given_temperature_and_length():
+    from pathlib import Path
+
+    from rlhf.demo.agreement import sample_responses
+
+    model = Path(__file__).resolve().parents[2] / "data" / "base-model"
+    prompts = ["this blender is", "the kettle was", "my new lamp"] * 4
+
+    def responses(seed: int, **sampling) -> list[list[int]]:
+        return [row[1] for row in sample_responses(model, prompts, seed=seed, **sampling)]
+
+    # Near-greedy sampling gives the same responses under two seeds; temperature 1 does not.
+    assert responses(0, temperature=1e-4) == responses(1, temperature=1e-4)
+    assert responses(0) != responses(1)
+    assert max(len(r) for r in responses(0, temperature=1.0, max_new_tokens=5)) <= 5
