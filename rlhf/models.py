@@ -319,17 +319,51 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+#: What one more forward pass costs in `length_groups`, in token positions per row of the longest sequence: a pass
+#: over a group pays for its fixed per-call work (Python, dispatch, weight packing) about what 4 such rows cost.
+PASS_COST_ROWS = 4
+
+
+def length_groups(lengths: Sequence[int], max_rows: int, *, equal_count: bool = False) -> list[list[int]]:
+    """Row indices in groups for passes over whole sequences padded to each group's longest: rows sorted by length,
+    at most ``max_rows`` per group, cut where that saves more padded positions than one more pass costs
+    (`PASS_COST_ROWS` rows of the longest sequence), by dynamic programming over the sorted lengths. Rows of equal
+    length give groups of ``max_rows`` (the first one holds what is left over), as plain chunks would.
+
+    ``equal_count``: the plain chunks of the sorted rows (``ceil(n / max_rows)`` groups whatever the lengths), for
+    passes that must run as many times on every process (DeepSpeed ZeRO-3 gathers the weights inside each forward)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    if equal_count or n == 0:
+        return [order[start:start + max_rows] for start in range(0, n, max_rows)]
+    sorted_lengths = [lengths[i] for i in order]
+    pass_cost = PASS_COST_ROWS * sorted_lengths[-1]
+    # best[j]: the least cost of the first j sorted rows; cut[j]: where their last group starts.
+    best = [0] + [0] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = min((best[i] + (j - i) * sorted_lengths[j - 1] + pass_cost, i)
+                              for i in range(max(0, j - max_rows), j))
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Scores of token-id sequences, right-padded in batches of similar lengths (less padding); the head reads the
-    last real token. [N] float32, in the order of ``sequences``."""
+                    batch_size: int = 64, equal_count: bool = False) -> torch.Tensor:
+    """Scores of token-id sequences, right-padded in groups of similar lengths (`length_groups`: less padding); the
+    head reads the last real token. [N] float32, in the order of ``sequences``."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    groups = length_groups([len(s) for s in sequences], batch_size, equal_count=equal_count)
+    order = [i for group in groups for i in group]
     scores = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = [sequences[i] for i in order[start:start + batch_size]]
+    for group in groups:
+        chunk = [sequences[i] for i in group]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

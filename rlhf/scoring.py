@@ -55,13 +55,15 @@ class RewardScorer:
     """A frozen reward model and the way it reads the policy's samples."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, policy_contract: TextContract, is_encoder: bool,
-                 batch_size: int = 64):
+                 batch_size: int = 64, equal_count: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.policy_contract = policy_contract
         self.text = RewardText.for_model(tokenizer, is_encoder=is_encoder)
         self.shares_tokens = not is_encoder and shares_tokenizer(policy_contract.tokenizer, tokenizer)
         self.batch_size = batch_size
+        # The same number of passes on every process (DeepSpeed ZeRO-3), else groups of similar lengths.
+        self.equal_count = equal_count
         check_vocabulary_fits(model, policy_contract.tokenizer if self.shares_tokens else tokenizer,
                               shares_tokens=self.shares_tokens)
 
@@ -82,4 +84,4 @@ class RewardScorer:
         """Scores of the pairs, float32 on CPU. [B]."""
         seqs = self.sequences(prompts, prompt_ids, response_ids)
         return score_sequences(self.model, seqs, pad_token_id=self.tokenizer.pad_token_id,
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, equal_count=self.equal_count)

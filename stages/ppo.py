@@ -45,6 +45,7 @@ from rlhf.models import (
     check_model_source,
     count_parameters,
     is_encoder,
+    length_groups,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
@@ -112,13 +113,8 @@ class Batch:
 
     def select(self, rows: torch.Tensor) -> "Batch":
         """Rows ``rows``, with the columns that are padding in all of them dropped (prompt side and response side)."""
-        r = self.rollout
-        prompt_mask = r.prompt_mask[rows]
-        response_mask = r.response_mask[rows]
-        first = int((prompt_mask.sum(0) > 0).nonzero()[0])
-        length = int(response_mask.sum(-1).max())
-        sub = Rollout(r.prompt_ids[rows][:, first:], prompt_mask[:, first:], r.response_ids[rows][:, :length],
-                      response_mask[:, :length], r.stopped[rows])
+        sub = self.rollout.select(rows)
+        length = sub.response_ids.shape[1]
         return Batch(sub, *(t[rows][:, :length] for t in (self.old_logprobs, self.ref_logprobs, self.old_values,
                                                             self.advantages, self.returns)))
 
@@ -356,8 +352,11 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         # Loaded, not deep-copied: under ZeRO-3 the policy's parameters are already partitioned at load time.
         reference = None if is_lora(cfg) else frozen(load_causal_lm(policy_cfg))
         reward_model = frozen(load_sequence_scorer(reward_cfg, pad_token_id=reward_tokenizer.pad_token_id))
+        # Under ZeRO-3 every forward gathers weights from all processes: the same number of passes on each.
+        zero3 = zero_stage(accelerator) == 3
         scorer = RewardScorer(reward_model, reward_tokenizer, policy_contract=contract,
-                              is_encoder=reward_is_encoder, batch_size=cfg.rollout.micro_batch_size)
+                              is_encoder=reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
+                              equal_count=zero3)
         critic, critic_source = build_critic(cfg, tokenizer, reward_tokenizer, reward_is_encoder, scorer)
         for model in (policy, critic):
             disable_dropout(model)
@@ -467,25 +466,27 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 phase["generate_s"] = time.perf_counter() - t0
                 r = rollout.response_ids.shape[1]
                 mask = rollout.response_mask
-                # Old log-probs from generation's own logits (float32 policy) or a policy pass; old values.
-                old_logprobs, old_values, ref_logprobs = [], [], []
-                for start in range(0, local_batch, cfg.rollout.micro_batch_size):
-                    rows = torch.arange(start, min(start + cfg.rollout.micro_batch_size, local_batch))
-                    ids, att = rollout.input_ids[rows], rollout.attention_mask[rows]
+                # Old log-probs from generation's own logits (float32 policy) or a policy pass; old values; the
+                # reference's log-probs. Rows go through in groups of similar lengths, each without the columns
+                # that are padding in all its rows; 0 past each response.
+                old_values, ref_logprobs = (torch.zeros(local_batch, r, device=device) for _ in range(2))
+                old_logprobs = rollout.logprobs if reuse_logprobs else torch.zeros(local_batch, r, device=device)
+                lengths = rollout.attention_mask.sum(-1).tolist()
+                for group in length_groups(lengths, cfg.rollout.micro_batch_size, equal_count=zero3):
+                    rows = torch.tensor(group, device=device)
+                    part = rollout.select(rows)
+                    ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
                     tp = time.perf_counter()
                     if reuse_logprobs:
-                        old_values.append(token_values(unwrapped.critic, ids, att, r, head=critic_head))
+                        old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=critic_head)
                     else:
-                        lp, _, v = unwrapped(ids, att, r, temperature, False)
-                        old_logprobs.append(lp)
-                        old_values.append(v)
+                        lp, _, v = unwrapped(ids, att, width, temperature, False)
+                        old_logprobs[rows, :width] = lp
+                        old_values[rows, :width] = v
                     tr = time.perf_counter()
-                    ref_logprobs.append(reference_logprobs(ids, att, r))
+                    ref_logprobs[rows, :width] = reference_logprobs(ids, att, width)
                     phase["policy_value_s"] += tr - tp
                     phase["reference_s"] += time.perf_counter() - tr
-                old_logprobs = rollout.logprobs if reuse_logprobs else torch.cat(old_logprobs)
-                old_values = torch.cat(old_values)
-                ref_logprobs = torch.cat(ref_logprobs)
                 ts = time.perf_counter()
                 raw_scores = scorer.score([train_prompts.prompts[i] for i in prompt_rows], rollout.prompt_lists(),
                                           rollout.response_lists()).to(device)

@@ -77,6 +77,17 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
 
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """Rows ``rows``, without the columns that are padding in all of them (prompt side and response side).
+        Position ids come from the masks, so the remaining positions compute what they did in the whole batch."""
+        prompt_mask = self.prompt_mask[rows]
+        response_mask = self.response_mask[rows]
+        first = int((prompt_mask.sum(0) > 0).nonzero()[0])
+        length = int(response_mask.sum(-1).max())
+        return Rollout(self.prompt_ids[rows][:, first:], prompt_mask[:, first:], self.response_ids[rows][:, :length],
+                       response_mask[:, :length], self.stopped[rows],
+                       None if self.logprobs is None else self.logprobs[rows][:, :length])
+
     def response_lists(self) -> list[list[int]]:
         lengths = self.response_mask.sum(-1).tolist()
         return [row[:n] for row, n in zip(self.response_ids.tolist(), lengths)]

@@ -294,8 +294,8 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(setup):
 def test_critic_from_the_reward_model_is_read_in_normalised_score_units(setup, monkeypatch, critic_init):
     """The returns are in normalised-score units, so a critic started from the reward model (whose outputs are raw
     scores) is read through the same normalisation; a critic started from the policy is read as it is."""
-    raw, seen = [], {}
-    original_values, original_gae = ppo.token_values, ppo.gae
+    raw, groups, seen = [], [], {}
+    original_values, original_gae, original_groups = ppo.token_values, ppo.gae, ppo.length_groups
 
     def token_values(*args, **kwargs):
         out = original_values(*args, **kwargs)
@@ -303,16 +303,74 @@ def test_critic_from_the_reward_model_is_read_in_normalised_score_units(setup, m
             raw.append(out.clone())
         return out
 
+    def length_groups(*args, **kwargs):
+        out = original_groups(*args, **kwargs)
+        if "values" not in seen:
+            groups.extend(out)
+        return out
+
     def gae(rewards, values, mask, **kwargs):
         seen.setdefault("values", values.clone())
+        seen.setdefault("mask", mask.clone())
         return original_gae(rewards, values, mask, **kwargs)
 
     monkeypatch.setattr(ppo, "token_values", token_values)
+    monkeypatch.setattr(ppo, "length_groups", length_groups)
     monkeypatch.setattr(ppo, "gae", gae)
     out = ppo.run(_cfg(setup, f"units-{critic_init}", "rollout.score_norm=first_rollout",
                        f"ppo.critic_init={critic_init}"))
     stats = read_manifest(out)["score_norm"]
     assert stats["std"] > 0 and abs(stats["mean"]) > 1e-3
-    raw_values = torch.cat(raw)
+    # The rollout's value passes ran over groups of rows; put their outputs back in row order.
+    assert len(raw) == len(groups)
+    raw_values = torch.zeros_like(seen["values"])
+    for rows, values in zip(groups, raw):
+        raw_values[rows, :values.shape[1]] = values
     expected = (raw_values - stats["mean"]) / stats["std"] if critic_init == "reward" else raw_values
-    torch.testing.assert_close(seen["values"], expected, atol=1e-5, rtol=1e-5)
+    mask = seen["mask"]
+    torch.testing.assert_close(seen["values"][mask], expected[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_passes_over_length_groups_equal_one_pass_over_the_padded_batch(setup, monkeypatch):
+    """The critic's, the reference's and the reward model's passes over a rollout run on groups of rows of similar
+    lengths, each without its all-padding columns; the values, KL-shaped rewards and scores equal those of one pass
+    over the whole padded batch."""
+    import rlhf.models
+
+    def capture(name):
+        seen = {}
+
+        def gae(rewards, values, mask, **kwargs):
+            seen.setdefault("rewards", rewards.clone())
+            seen.setdefault("values", values.clone())
+            seen.setdefault("mask", mask.clone())
+            return ppo_gae(rewards, values, mask, **kwargs)
+
+        monkeypatch.setattr(ppo, "gae", gae)
+        ppo.run(_cfg(setup, name, "rollout.micro_batch_size=2"))
+        return seen
+
+    ppo_gae = ppo.gae
+    widths = []
+    original_select = ppo.Rollout.select
+
+    def select(self, rows):
+        part = original_select(self, rows)
+        widths.append((part.input_ids.shape[1], self.input_ids.shape[1]))
+        return part
+
+    monkeypatch.setattr(ppo.Rollout, "select", select)
+    grouped = capture("grouped")
+    # Some group of the first rollout ran narrower than the whole batch: the test exercises the trimming.
+    assert any(narrow < full for narrow, full in widths)
+
+    def one_group(lengths, max_rows, **kwargs):
+        return [list(range(len(lengths)))]
+
+    monkeypatch.setattr(ppo, "length_groups", one_group)
+    monkeypatch.setattr(rlhf.models, "length_groups", one_group)
+    plain = capture("plain")
+    assert torch.equal(grouped["mask"], plain["mask"])
+    mask = plain["mask"]
+    for key in ("values", "rewards"):
+        torch.testing.assert_close(grouped[key][mask], plain[key][mask], atol=1e-5, rtol=1e-5)
