@@ -339,7 +339,7 @@ def length_groups(lengths: Sequence[int], max_rows: int, *, equal_count: bool = 
     sorted_lengths = [lengths[i] for i in order]
     pass_cost = PASS_COST_ROWS * sorted_lengths[-1]
     # best[j]: the least cost of the first j sorted rows; cut[j]: where their last group starts.
-    best = [0] + [0] * n
+    best = [0] * (n + 1)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         best[j], cut[j] = min((best[i] + (j - i) * sorted_lengths[j - 1] + pass_cost, i)
