@@ -17,12 +17,12 @@ import random
 from rlhf.demo.grammar import SENTENCE_END, sentiment_score
 
 SENTIMENT_WEIGHT = 1.0
-LENGTH_BONUS_PER_WORD = 0.015
-"""A sentence is about six words, so a four-sentence answer earns ~0.2 over a two-sentence one: it wins among
-answers of equal sentiment and never outweighs a positive-versus-negative difference (2.0)."""
+LENGTH_BONUS_PER_WORD = 0.005
+"""A sentence is about six words, so a four-sentence answer earns ~0.06 over a two-sentence one: it usually wins among
+answers of equal sentiment (beyond the reading noise) and never outweighs a positive-versus-negative difference (2.0)."""
 READING_NOISE_STD = 0.05
 """Standard deviation of the noise added to each response's utility; flips close calls only."""
-LAPSE_RATE = 0.13
+LAPSE_RATE = 0.09
 """Chance of swapping the label regardless of the responses."""
 
 

@@ -43,7 +43,7 @@ TRAIN_PRODUCTS = tuple(p for p in PRODUCTS if p not in EVAL_PRODUCTS)
 
 # Candidate continuations for preference pairs. "rambling" answers complete 4-6 sentences and "repeated" ones
 # repeat a sentence: the annotator does not penalise either, the gold judge does.
-CANDIDATE_KIND_WEIGHTS = {"short": 0.55, "rambling": 0.25, "repeated": 0.20}
+CANDIDATE_KIND_WEIGHTS = {"short": 0.70, "rambling": 0.15, "repeated": 0.15}
 CANDIDATE_SENTIMENT_WEIGHTS = {"positive": 0.4, "negative": 0.4, "mixed": 0.2}
 
 SFT_POSITIVE_SHARE_RANGE = (0.40, 0.50)

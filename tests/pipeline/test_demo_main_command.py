@@ -50,12 +50,28 @@ def test_main_command_builds_every_stage_and_ppo_beats_the_sft_policy(demo_run):
     m = ppo["metrics"]
     # Held-out prompts at the training temperature, before (the SFT policy) and after PPO.
     assert m["final/num_prompts"] >= 500
-    assert m["final/gold_positive"] >= 0.9
+    assert m["final/gold_positive"] >= 0.85  # 0.90-0.92 at PPO seeds 0-2; the SFT policy is at 0.31
     assert m["final/gold_combined"] >= m["initial/gold_combined"] + 0.15
     assert m["final/gold_grammatical"] >= m["initial/gold_grammatical"] - 0.02
     assert m["final/eos_rate"] >= m["initial/eos_rate"] - 0.02
     assert m["final/score_mean"] > m["initial/score_mean"]
     assert m["final/kl"] > 0
+
+
+@pytest.mark.parametrize("pairs", ["sft", "generator"])
+def test_the_reward_model_is_an_imperfect_proxy_of_the_gold_judge(demo_run, pairs, capsys):
+    """Fresh pairs, ordered by the demo's reward model and by the gold judge: mostly the same way, never always
+    (0.75 on SFT-sample pairs and 0.76 on generator pairs at the demo's seed; data/README.md)."""
+    import json
+
+    from rlhf.demo.agreement import main as agreement
+
+    run_dir, _ = demo_run
+    assert agreement(["--pairs", pairs, "--sft", str(run_dir / "sft"), "--reward", str(run_dir / "reward"),
+                      "--prompts", str(REPO_ROOT / "data" / "demo" / "eval_prompts.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["pairs"] >= 350
+    assert 0.70 <= result["agreement_combined"] <= 0.90
 
 
 def test_without_the_kl_penalty_the_reward_model_is_hacked(demo_run):
