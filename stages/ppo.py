@@ -53,7 +53,7 @@ from rlhf.models import (
 )
 from rlhf.ppo.advantages import gae, shaped_rewards
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
-from rlhf.ppo.losses import explained_variance_from_moments, policy_loss, value_loss
+from rlhf.ppo.losses import entropy_bonus, explained_variance_from_moments, policy_loss, value_loss
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
 from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
@@ -339,10 +339,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
 
     accelerator = Accelerator(gradient_accumulation_steps=micro_per_minibatch)
     if is_deepspeed(accelerator):
-        # No dataloader goes through prepare(), so DeepSpeed learns the micro-batch size here.
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = minibatch // micro_per_minibatch
-        ds_config["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
+        deepspeed_settings(accelerator, cfg, minibatch // micro_per_minibatch)
     device = accelerator.device
 
     with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process,
@@ -358,10 +355,11 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                               is_encoder=reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
                               equal_count=zero3)
         critic, critic_source = build_critic(cfg, tokenizer, reward_tokenizer, reward_is_encoder, scorer)
-        for model in (policy, critic):
-            disable_dropout(model)
         policy = apply_peft(policy, cfg.peft, task="causal_lm")
         critic = apply_peft(critic, cfg.critic_peft, task="score")
+        # After the adapters are added: a LoRA layer's own dropout (peft.lora_dropout) goes too.
+        for model in (policy, critic):
+            disable_dropout(model)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         model = PolicyAndCritic(policy, critic)
@@ -375,8 +373,10 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         scorer.model = prepare_frozen(accelerator, reward_model)
         unwrapped = accelerator.unwrap_model(model)
         critic_head = score_module(unwrapped.critic)
+        # Generation computes in the parameters' dtype; its log-probs serve as the old ones only when the training
+        # forward computes in float32 too (not in bf16/fp16, nor under mixed precision's autocast).
         reuse_logprobs = (cfg.rollout.generation_logprobs
-                          and next(unwrapped.policy.parameters()).dtype == torch.float32)
+                          and compute_dtype(accelerator, unwrapped.policy) == torch.float32)
         # oneDNN's packed linears (CPU, float32): packed per rollout (weights fixed) and per training micro-batch.
         pack_trained = onednn_linears(accelerator, cfg.model)
         pack_reward = onednn_linears(accelerator, cfg.reward_model)
@@ -472,21 +472,24 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 old_values, ref_logprobs = (torch.zeros(local_batch, r, device=device) for _ in range(2))
                 old_logprobs = rollout.logprobs if reuse_logprobs else torch.zeros(local_batch, r, device=device)
                 lengths = rollout.attention_mask.sum(-1).tolist()
-                for group in length_groups(lengths, cfg.rollout.micro_batch_size, equal_count=zero3):
-                    rows = torch.tensor(group, device=device)
-                    part = rollout.select(rows)
-                    ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
-                    tp = time.perf_counter()
-                    if reuse_logprobs:
-                        old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=critic_head)
-                    else:
-                        lp, _, v = unwrapped(ids, att, width, temperature, False)
-                        old_logprobs[rows, :width] = lp
-                        old_values[rows, :width] = v
-                    tr = time.perf_counter()
-                    ref_logprobs[rows, :width] = reference_logprobs(ids, att, width)
-                    phase["policy_value_s"] += tr - tp
-                    phase["reference_s"] += time.perf_counter() - tr
+                # Old log-probs, values and the reference in the precision the training forward computes in
+                # (accelerate's autocast under mixed precision), so the first ratio is 1 and the first KL 0.
+                with accelerator.autocast():
+                    for group in length_groups(lengths, cfg.rollout.micro_batch_size, equal_count=zero3):
+                        rows = torch.tensor(group, device=device)
+                        part = rollout.select(rows)
+                        ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
+                        tp = time.perf_counter()
+                        if reuse_logprobs:
+                            old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=critic_head)
+                        else:
+                            lp, _, v = unwrapped(ids, att, width, temperature, False)
+                            old_logprobs[rows, :width] = lp
+                            old_values[rows, :width] = v
+                        tr = time.perf_counter()
+                        ref_logprobs[rows, :width] = reference_logprobs(ids, att, width)
+                        phase["policy_value_s"] += tr - tp
+                        phase["reference_s"] += time.perf_counter() - tr
                 ts = time.perf_counter()
                 raw_scores = scorer.score([train_prompts.prompts[i] for i in prompt_rows], rollout.prompt_lists(),
                                           rollout.response_lists()).to(device)
@@ -499,8 +502,10 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                     mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
                     score_stats = {"mean": mean.item(), "std": math.sqrt(var.item())}
                 old_values = critic_in_score_units(old_values, critic_source, score_stats)
+                # Without stopping every response runs to max_new_tokens: none is cut short, none is penalised.
                 scores = final_scores(raw_scores, rollout.stopped, score_stats,
-                                      missing_stop_penalty=cfg.rollout.missing_stop_penalty,
+                                      missing_stop_penalty=(cfg.rollout.missing_stop_penalty
+                                                            if cfg.rollout.stop_at_stop_token else 0.0),
                                       clip=cfg.rollout.score_clip)
                 kl = kl_per_token(old_logprobs, ref_logprobs, cfg.ppo.kl_estimator) * mask
                 rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
@@ -520,13 +525,17 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                                      returns)))
             rollout_s = time.perf_counter() - t0
 
-            # 5. PPO epochs over shuffled minibatches; micro-batches accumulate gradients.
+            # 5. PPO epochs over minibatches of the global batch; micro-batches accumulate gradients.
             t1 = time.perf_counter()
             unwrapped.train()
             sums = torch.zeros(8, dtype=torch.float64, device=device)
+            # Mean |training log-prob - rollout log-prob| over the first minibatch, before any optimiser step.
+            logprob_gap = torch.zeros((), dtype=torch.float64, device=device)
             optimizer_steps = epochs = 0
             kl_before = sums[3].clone()
-            seq_lengths = batch.rollout.attention_mask.sum(-1)
+            # Every process holds the whole global batch, so a minibatch is the same rows on 1 or N processes.
+            full = gather_batch(accelerator, batch, tokenizer.pad_token_id)
+            seq_lengths = full.rollout.attention_mask.sum(-1)
             for epoch in range(cfg.ppo.ppo_epochs):
                 if bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
                     break
@@ -537,27 +546,29 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                         break
                 kl_before = sums[3].clone()
                 epochs += 1
-                generator = torch.Generator().manual_seed(
-                    sample_seed(cfg.seed, f"minibatch/{state.process_index}", update * cfg.ppo.ppo_epochs + epoch))
-                order = torch.randperm(local_batch, generator=generator).to(device)
-                for mb_start in range(0, local_batch, minibatch):
+                for mb_index, (mb_tokens, mb_rows) in enumerate(minibatches(
+                        cfg, update, epoch, full.rollout.response_mask, seq_lengths, state.process_index,
+                        state.num_processes)):
                     if bad is not None:
                         break
-                    mb_rows = order[mb_start:mb_start + minibatch]
-                    # Losses are token sums over the global minibatch token count (sharded == global loss).
-                    mb_tokens = accelerator.reduce(batch.rollout.response_mask[mb_rows].sum().float(), "sum")
-                    # Micro-batches of similar lengths waste less compute on padding; the summed gradient is the same.
-                    mb_rows = mb_rows[seq_lengths[mb_rows].argsort(stable=True)]
+                    first_minibatch = epoch == 0 and mb_index == 0
                     # oneDNN packing for this minibatch's forwards and backwards: its one optimiser step comes
                     # after the last of them.
                     with packed_linears(unwrapped, enabled=pack_trained):
                         for micro_rows in mb_rows.split(minibatch // micro_per_minibatch):
-                            mb = batch.select(micro_rows)
+                            mb = full.select(micro_rows)
                             with accelerator.accumulate(model):
                                 logprobs, entropy, values = model(mb.rollout.input_ids, mb.rollout.attention_mask,
                                                                   mb.old_logprobs.shape[1], temperature,
                                                                   True)
+                                if fault_injected("inf_grad", update + 1):
+                                    # A finite loss whose gradient is not: one log-prob's gradient becomes inf.
+                                    logprobs.register_hook(lambda g: g.index_put((torch.tensor(0),) * g.dim(),
+                                                                                 torch.tensor(float("inf"))))
                                 m = mb.rollout.response_mask
+                                if first_minibatch:
+                                    logprob_gap += (masked_sum((logprobs.detach() - mb.old_logprobs).abs(), m)
+                                                    / mb_tokens).double()
                                 pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m,
                                                                 clip_range=cfg.ppo.clip_range,
                                                                 num_tokens=mb_tokens)
@@ -565,30 +576,30 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                 vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
                                                                clip_range=cfg.ppo.value_clip_range,
                                                                num_tokens=mb_tokens)
+                                entropy_loss, entropy_stats = entropy_bonus(entropy, m, num_tokens=mb_tokens)
                                 loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+                                if cfg.ppo.entropy_coef:
+                                    loss = loss + cfg.ppo.entropy_coef * entropy_loss
                                 if fault_injected("nan_loss", update + 1):
                                     loss = loss * float("nan")
-                                entropy_mean = masked_sum(entropy, m) / mb_tokens
                                 # DDP averages gradients over processes and accelerate divides by the accumulation
                                 # steps; undo both so the gradient is that of the global token-mean loss.
-                                accelerator.backward(loss * state.num_processes * micro_per_minibatch)
-                                norm = None
-                                if accelerator.sync_gradients:
-                                    # The norm of the all-reduced gradient: the same on every process.
-                                    norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                                       cfg.optim.max_grad_norm or float("inf"))
-                                if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                                if not optimiser_step(accelerator, model, optimizer,
+                                                      loss * state.num_processes * micro_per_minibatch,
+                                                      cfg.optim.max_grad_norm):
                                     bad = "gradients"  # this step is not taken, nor the rest of the update
-                                    optimizer.zero_grad()
                                     break
-                                optimizer.step()
                                 if accelerator.sync_gradients:
                                     scheduler.step()
                                     optimizer_steps += 1
-                                optimizer.zero_grad()
                             sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
-                                                 pg_stats["approx_kl"], entropy_mean.detach(), vf_stats["clipfrac"],
-                                                 pg_stats["ratio"], torch.zeros((), device=device)]).double()
+                                                 pg_stats["approx_kl"], entropy_stats["entropy"],
+                                                 vf_stats["clipfrac"], pg_stats["ratio"],
+                                                 torch.zeros((), device=device)]).double()
+            # A linear or cosine schedule is laid out for every epoch of every update: the optimiser steps an update
+            # did not take (target_kl, a skipped update) still pass, so the last update ends at the final rate.
+            for _ in range(cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches - optimizer_steps):
+                scheduler.step()
             train_s = time.perf_counter() - t1
 
             # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.
@@ -610,6 +621,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 "ppo/policy_loss": sums[0].item(), "ppo/value_loss": sums[1].item(), "ppo/clipfrac": sums[2].item(),
                 "ppo/approx_kl": sums[3].item(), "ppo/entropy": sums[4].item(), "ppo/value_clipfrac": sums[5].item(),
                 "ppo/ratio": sums[6].item(), "ppo/explained_var": ev, "ppo/kl_coef": kl_ctl.value,
+                "ppo/logprob_gap": accelerator.reduce(logprob_gap, "sum").item(),
                 "ppo/lr": scheduler.get_last_lr()[0],
                 "time/rollout_s": rollout_s, "time/train_s": train_s,
                 **{f"time/{name}": seconds for name, seconds in phase.items()},
@@ -678,6 +690,87 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                               "reference": "adapters disabled" if reference is None else "copy",
                                               "policy_saved_as": saved, "score_norm": score_stats,
                                               "kl_coef_final": kl_ctl.value, "data": data_stats})
+
+
+def gather_batch(accelerator: Any, batch: Batch, pad_token_id: int) -> Batch:
+    """The global rollout batch on every process, rows in global sample order (process 0's rows first, as the
+    sample indices run), each process's part padded to the widest prompt and response of all. One process: the
+    batch itself."""
+    if accelerator.num_processes == 1:
+        return batch
+
+    def gathered(t: torch.Tensor, pad: float, pad_first: bool = False) -> torch.Tensor:
+        if t.dtype == torch.bool:
+            return gathered(t.long(), pad, pad_first).bool()
+        return accelerator.gather(accelerator.pad_across_processes(t, dim=1, pad_index=pad, pad_first=pad_first))
+
+    r = batch.rollout
+    rollout = Rollout(gathered(r.prompt_ids, pad_token_id, True), gathered(r.prompt_mask, 0, True),
+                      gathered(r.response_ids, pad_token_id), gathered(r.response_mask, 0),
+                      accelerator.gather(r.stopped.long()).bool(),
+                      None if r.logprobs is None else gathered(r.logprobs, 0.0))
+    return Batch(rollout, *(gathered(t, 0.0) for t in (batch.old_logprobs, batch.ref_logprobs, batch.old_values,
+                                                        batch.advantages, batch.returns)))
+
+
+def minibatches(cfg: PPOConfig, update: int, epoch: int, response_mask: torch.Tensor, seq_lengths: torch.Tensor,
+                process_index: int, num_processes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One PPO epoch's minibatches of the global batch: ``(token count of the global minibatch, this process's
+    rows of it)``. A permutation keyed by (seed, update, epoch) cuts the batch into ``ppo.num_minibatches`` parts;
+    each part's rows are sorted by length (micro-batches of similar lengths waste less compute on padding) and dealt
+    to the processes in turn, so every process trains on as many rows as the others, of similar lengths, and the
+    minibatches do not depend on the number of processes. response_mask: [B, R]; seq_lengths: [B]."""
+    # The key of the one permutation is that of process 0 when each process shuffled its own rows, so one-process
+    # runs (and their checkpoints) draw the minibatches they drew before.
+    generator = torch.Generator().manual_seed(
+        sample_seed(cfg.seed, "minibatch/0", update * cfg.ppo.ppo_epochs + epoch))
+    order = torch.randperm(cfg.rollout.batch_size, generator=generator).to(response_mask.device)
+    size = cfg.rollout.batch_size // cfg.ppo.num_minibatches
+    for mb_rows in order.split(size):
+        # Losses are token sums over the global minibatch token count (sharded == global loss).
+        mb_tokens = response_mask[mb_rows].sum().float()
+        mb_rows = mb_rows[seq_lengths[mb_rows].argsort(stable=True)]
+        yield mb_tokens, mb_rows[process_index::num_processes]
+
+
+def optimiser_step(accelerator: Any, model: Any, optimizer: Any, loss: torch.Tensor,
+                   max_grad_norm: float | None) -> bool:
+    """One micro-batch's backward and, at the end of its minibatch, the optimiser step unless the gradient is not
+    finite. Returns False when it was not: no step was taken, the gradients are cleared, weights and optimiser
+    state are those before the minibatch. Under DeepSpeed the engine steps inside the backward and makes this check
+    itself before it steps (its overflow check, see `deepspeed_settings`); ``was_step_applied`` tells."""
+    accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return True
+    if is_deepspeed(accelerator):
+        return bool(model.was_step_applied())
+    # The norm of the all-reduced gradient: the same on every process.
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    if not torch.isfinite(torch.as_tensor(norm)):
+        optimizer.zero_grad()
+        return False
+    optimizer.step()
+    optimizer.zero_grad()
+    return True
+
+
+def deepspeed_settings(accelerator: Any, cfg: PPOConfig, micro_batch_size: int) -> None:
+    """What DeepSpeed learns from the PPO config: the micro-batch size (no dataloader goes through prepare()), the
+    gradient clipping, and an overflow check in bf16 too, so that a non-finite gradient skips the engine's step
+    (it steps inside the backward, before our loop could look at the gradient)."""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds_config["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
+    if ds_config.get("bf16", {}).get("enabled") in (True, "auto"):
+        ds_config["bf16"]["check_grad_overflow"] = True
+
+
+def compute_dtype(accelerator: Any, model: torch.nn.Module) -> torch.dtype:
+    """The dtype the training forward computes in: the autocast dtype under accelerate's native mixed precision
+    (the parameters stay float32 there), else the parameters' own."""
+    if getattr(accelerator, "native_amp", False):
+        return torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+    return next(model.parameters()).dtype
 
 
 def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cfg: PPOConfig, tokenizer: Any,

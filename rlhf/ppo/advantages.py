@@ -15,10 +15,15 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.
     """Per-token rewards: ``-kl_coef * kl`` on every response token plus the sequence score on the last one
     (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020, eq. 1).
 
-    scores: [B]; kl, response_mask: [B, T] (prefix mask, at least one valid token per row). Returns [B, T], 0 on
-    padding.
+    scores: [B]; kl, response_mask: [B, T] (prefix mask, at least one valid token per row; ValueError otherwise).
+    Returns [B, T], 0 on padding.
     """
     mask = response_mask.bool()
+    # The score goes to index count - 1, the last token only when each row's tokens come first (right padding).
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError("response_mask must be right-padded (each row's valid tokens first, then padding): a row "
+                         "has a valid token after padding, so its score would land on the wrong token. Build "
+                         "responses as [prompt (left-padded) | response (right-padded)], as rlhf.ppo.rollout does")
     rewards = torch.where(mask, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     last = last_token_index(mask)
     if (last < 0).any():

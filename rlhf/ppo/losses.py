@@ -27,7 +27,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits / T) at ``tokens`` and (without gradient) the entropy, ``rows`` leading rows at a time.
+    """log softmax(logits / T) at ``tokens`` and the entropy of softmax(logits / T), ``rows`` leading rows at a time.
 
     The straightforward autograd path makes about ten full passes over the [B, T, V] logits (scale, logsumexp, the
     entropy's softmax, the backward's softmax and scatter), each one from main memory when B x T x V is large. Here
@@ -54,22 +54,36 @@ class _TokenLogprobs(torch.autograd.Function):
                 entropy[start:start + rows] = lse - (probs * part).sum(-1)
         ctx.save_for_backward(logits, tokens, lse_all)
         ctx.temperature, ctx.rows = temperature, rows
-        ctx.mark_non_differentiable(entropy)
+        # An output that no loss uses gets None, not zeros: the entropy's term is skipped, not added as 0.
+        ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx: object, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple:
+    def backward(ctx: object, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None) -> tuple:
         logits, tokens, lse_all = ctx.saved_tensors
         temperature, rows = ctx.temperature, ctx.rows
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         for start in range(0, logits.shape[0], rows):
             part = logits[start:start + rows].float()
             if temperature != 1.0:
                 part = part / temperature
             g = grad_logprobs[start:start + rows].float().unsqueeze(-1)
+            lse = lse_all[start:start + rows].unsqueeze(-1)
             # d/dl [l_token - logsumexp(l)] = onehot(token) - softmax(l); then the chain rule through l = logits / T.
-            piece = torch.exp(part - lse_all[start:start + rows].unsqueeze(-1)).mul_(-g)
+            probs = torch.exp(part - lse)
+            entropy_term = None
+            if grad_entropy is not None:
+                # H = logsumexp(l) - sum_j p_j l_j, so dH/dl_j = p_j (E_p[l] - l_j). A softmax of its own: p from the
+                # saved log-normaliser is off by |l| * eps, which E_p[l] - l_j (large at low temperature) magnifies.
+                softmax = torch.softmax(part, dim=-1)
+                mean_logit = (softmax * part).sum(-1, keepdim=True)
+                entropy_term = softmax * (mean_logit - part) * grad_entropy[start:start + rows].float().unsqueeze(-1)
+            piece = probs.mul_(-g)
             piece.scatter_add_(-1, tokens[start:start + rows].unsqueeze(-1), g)
+            if entropy_term is not None:
+                piece += entropy_term
             if temperature != 1.0:
                 piece = piece / temperature
             grad[start:start + rows] = piece
@@ -80,7 +94,7 @@ def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = False,
     positions_per_chunk: int = 96,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`logprobs_from_logits` and, with ``with_entropy``, `entropy_from_logits` (no gradient) in one pass over
+    """`logprobs_from_logits` and, with ``with_entropy``, `entropy_from_logits` (both with gradients) in one pass over
     chunks of about ``positions_per_chunk`` positions, each kept in cache through every step; the backward pass is
     chunked the same way. logits: [B, T, V] or [N, V]; tokens: [B, T] or [N] -> same shape, float32 (and None
     without ``with_entropy``)."""
@@ -156,6 +170,21 @@ def value_loss(
     with torch.no_grad():
         stats = {"clipfrac": masked_sum((clipped_error > unclipped_error).float(), mask) / n}
     return loss, stats
+
+
+def entropy_bonus(
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The entropy bonus as a loss to minimise: minus the mean per-token entropy of the policy (Schulman et al. 2017,
+    eq. 9, the S[pi] term; ``entropy`` must carry its gradient). entropy, response_mask: [B, T]. Stats: ``entropy``
+    (the mean, detached)."""
+    mask = response_mask.bool()
+    n = _normaliser(mask, num_tokens)
+    mean = masked_sum(entropy, mask) / n
+    return -mean, {"entropy": mean.detach()}
 
 
 def explained_variance_from_moments(returns_moments: torch.Tensor, error_moments: torch.Tensor) -> float:

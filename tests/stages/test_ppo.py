@@ -376,3 +376,70 @@ def test_rollout_passes_over_length_groups_equal_one_pass_over_the_padded_batch(
     mask = plain["mask"]
     for key in ("values", "rewards"):
         torch.testing.assert_close(grouped[key][mask], plain[key][mask], atol=1e-5, rtol=1e-5)
+
+
+def _update_rows(out):
+    return [r for r in read_metrics(out) if "rollout/kl" in r]
+
+
+def test_entropy_coef_changes_the_update(setup):
+    """ppo.entropy_coef adds the entropy bonus to the loss: the same rollout trains to other weights, and the
+    logged entropy is the policy's before the step either way."""
+    seen = {}
+    for coef in (0.0, 2.0):
+        ppo.run(_cfg(setup, f"entropy-{coef}", f"ppo.entropy_coef={coef}"),
+                on_update=lambda i, m, coef=coef: seen.__setitem__((coef, i), _snapshot(m.trained.policy)))
+    assert all(torch.equal(seen[0.0, 0][k], seen[2.0, 0][k]) for k in seen[0.0, 0])
+    block_keys = [k for k in seen[0.0, 1] if ".h." in k]
+    assert any(not torch.allclose(seen[0.0, 1][k], seen[2.0, 1][k], rtol=0, atol=1e-6) for k in block_keys)
+
+
+def test_lora_dropout_is_off_while_training(setup):
+    """peft.lora_dropout applies to SFT and reward training; in PPO the training forward must compute the function
+    the rollout's did. One epoch of one minibatch: every forward comes before the step, so the ratio is 1."""
+    out = ppo.run(_cfg(setup, "lora-dropout", "peft.method=lora", "peft.lora_r=4", "peft.lora_dropout=0.5",
+                       "ppo.num_updates=2", "ppo.ppo_epochs=1", "ppo.num_minibatches=1"))
+    second = _update_rows(out)[1]  # the adapters' B matrices are 0 before the first update, so dropout shows later
+    assert second["ppo/approx_kl"] < 1e-9
+    assert second["ppo/clipfrac"] == 0.0
+    assert second["ppo/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert second["ppo/logprob_gap"] < 1e-5
+
+
+def test_bf16_mixed_precision_scores_the_rollout_in_the_training_precision(setup, monkeypatch):
+    """Under accelerate's bf16 autocast the parameters stay float32 but the training forward computes in bf16: the
+    rollout's log-probs cannot come from generation's float32 logits, and the reference runs in bf16 too. One epoch of
+    one minibatch: the first ratio is 1 and the first KL 0, within bf16 rounding."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    # The tiny model's logits are small, and so are their bf16 rounding errors; a low temperature scales them up.
+    out = ppo.run(_cfg(setup, "bf16-autocast", "ppo.ppo_epochs=1", "ppo.num_minibatches=1",
+                       "rollout.temperature=0.05"))
+    row = _update_rows(out)[0]
+    assert read_manifest(out)["status"] == "complete"
+    # Measured: approx_kl 2.5e-9, ratio 1 + 1e-5, log-prob gap 1.1e-5; with float32 rollout log-probs against the
+    # bf16 training forward, approx_kl 1.4e-5 and ratio 1 + 4.7e-4.
+    assert abs(row["rollout/kl"]) < 1e-6
+    assert row["ppo/approx_kl"] < 1e-7
+    assert row["ppo/ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert row["ppo/logprob_gap"] < 1e-4
+
+
+def test_no_missing_stop_penalty_when_responses_do_not_stop(setup):
+    """rollout.stop_at_stop_token=false samples max_new_tokens for every response: none counts as cut short."""
+    out = ppo.run(_cfg(setup, "no-stop", "rollout.stop_at_stop_token=false", "rollout.missing_stop_penalty=3.0"))
+    row = _update_rows(out)[0]
+    assert row["rollout/response_len"] == 8
+    assert row["rollout/reward_mean"] == pytest.approx(row["rollout/score_mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_the_learning_rate_schedule_ends_at_its_final_rate_when_epochs_stop_early(setup, scheduler):
+    """ppo.target_kl cuts every update to its first epoch; the schedule still reaches its end with the last update."""
+    out = ppo.run(_cfg(setup, f"schedule-{scheduler}", f"optim.lr_scheduler={scheduler}", "ppo.num_updates=3",
+                       "ppo.ppo_epochs=3", "ppo.target_kl=1e-9"))
+    rows = _update_rows(out)
+    assert [r["ppo/epochs"] for r in rows] == [1, 1, 1]
+    assert rows[-1]["ppo/lr"] == pytest.approx(0.0, abs=1e-12)
+    # Each update takes its share of the schedule: a third of the way per update for a linear one.
+    if scheduler == "linear":
+        assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2 * 2 / 3, 1e-2 / 3, 0.0])

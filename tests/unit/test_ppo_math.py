@@ -378,13 +378,59 @@ def test_chunked_token_logprobs_equal_the_straightforward_path(temperature, posi
     (fused_grad,) = torch.autograd.grad((fused * weights).sum(), full)
     plain = logprobs_from_logits(full[:, :-1], tokens, temperature)
     (plain_grad,) = torch.autograd.grad((plain * weights).sum(), full)
-    assert fused.dtype == entropy.dtype == torch.float32 and not entropy.requires_grad
+    assert fused.dtype == entropy.dtype == torch.float32
     assert_close(fused, plain, atol=1e-6, rtol=0)
-    # A statistic (no gradient): lse - sum p*l cancels in float32 where the distribution is peaked.
+    # lse - sum p*l cancels in float32 where the distribution is peaked.
     assert_close(entropy, entropy_from_logits(full[:, :-1].detach(), temperature), atol=2e-5, rtol=1e-5)
     assert_close(fused_grad, plain_grad, atol=1e-6, rtol=0)
+    # The entropy carries its gradient (the entropy bonus), alone and together with the log-probs'.
+    entropy_weights = torch.randn(5, 7, generator=g)
+    fused, entropy = token_logprobs(full[:, :-1], tokens, temperature, with_entropy=True,
+                                    positions_per_chunk=positions_per_chunk)
+    plain = logprobs_from_logits(full[:, :-1], tokens, temperature)
+    (fused_grad,) = torch.autograd.grad((fused * weights).sum() + (entropy * entropy_weights).sum(), full)
+    exact = full.detach().double().requires_grad_()  # float64: the entropy's gradient cancels in float32
+    plain = logprobs_from_logits(exact[:, :-1], tokens, temperature)
+    plain_entropy = entropy_from_logits(exact[:, :-1], temperature)
+    (plain_grad,) = torch.autograd.grad((plain * weights.double()).sum()
+                                        + (plain_entropy * entropy_weights.double()).sum(), exact)
+    assert_close(fused_grad.double(), plain_grad, atol=5e-6, rtol=0)
     assert fused_grad[:, -1].abs().max() == 0  # the position sliced off gets no gradient
     assert token_logprobs(full[:, :-1], tokens, temperature)[1] is None
+
+
+def test_the_entropy_bonus_changes_the_gradient_by_the_hand_computed_amount():
+    """ppo.entropy_coef: the loss pg + vf_coef * vf + c * entropy_bonus has the gradient of pg + vf_coef * vf plus
+    -c/n * dH/dl per position, with dH/dl_j = p_j (sum_k p_k l_k - l_j) / T for l = logits / T (written out here,
+    not through autograd)."""
+    from rlhf.ppo.losses import entropy_bonus, token_logprobs
+
+    temperature, coef = 0.7, 0.3
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 4, 6, generator=g, dtype=torch.float64) * 2).float().requires_grad_()
+    tokens = torch.randint(0, 6, (2, 3), generator=g)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    old_logprobs = torch.randn(2, 3, generator=g) * 0.1 - 2
+    advantages = torch.randn(2, 3, generator=g)
+
+    def loss_and_grad(entropy_coef):
+        logprobs, entropy = token_logprobs(logits[:, :-1], tokens, temperature, with_entropy=True)
+        pg, _ = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2)
+        loss = pg
+        if entropy_coef:
+            bonus, stats = entropy_bonus(entropy, mask)
+            assert_close(stats["entropy"], (entropy * mask).sum() / mask.sum())
+            loss = loss + entropy_coef * bonus
+        return torch.autograd.grad(loss, logits)[0]
+
+    with_bonus, without = loss_and_grad(coef), loss_and_grad(0.0)
+    scaled = logits.detach()[:, :-1].double() / temperature
+    p = torch.softmax(scaled, -1)
+    dh = p * ((p * scaled).sum(-1, keepdim=True) - scaled) / temperature
+    expected = torch.zeros(2, 4, 6, dtype=torch.float64)
+    expected[:, :-1] = -coef * dh * mask.unsqueeze(-1) / mask.sum()
+    assert expected.abs().max() > 1e-2
+    assert_close((with_bonus - without).double(), expected, atol=1e-6, rtol=0)
 
 
 def test_chunked_token_logprobs_keep_the_input_dtype_for_the_gradient():
@@ -583,3 +629,14 @@ def test_policy_loss_approx_kl_is_k3_of_kl_old_new():
     _, stats = policy_loss(t64([[math.log(1.5)]]), t64([[0.0]]), t64([[1.0]]), torch.tensor([[True]]),
                            clip_range=0.2)
     assert_close(stats["approx_kl"], t64(0.5 - math.log(1.5)), **STAT)
+
+
+def test_shaped_rewards_refuse_a_mask_that_is_not_right_padded():
+    """The score lands at index count - 1 of each row: right only when a row's valid tokens come first."""
+    kl = torch.zeros(2, 4)
+    right = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    torch.testing.assert_close(shaped_rewards(torch.tensor([1.0, 2.0]), kl, right, 0.1),
+                               torch.tensor([[0.0, 0.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]]))
+    left = torch.tensor([[True, True, True, False], [False, False, True, True]])
+    with pytest.raises(ValueError, match="response_mask must be right-padded"):
+        shaped_rewards(torch.tensor([1.0, 2.0]), kl, left, 0.1)
