@@ -32,7 +32,9 @@ from rlhf.checkpoint import (
     latest_checkpoint,
     output_dir_of,
     read_json,
+    read_manifest,
     require_complete,
+    stage_output_dir,
     truncate_logs_to,
     write_json_atomic,
 )
@@ -911,7 +913,6 @@ def build_missing_upstream(cfg: PPOConfig) -> list[str]:
     """Build this run's SFT and reward outputs when PPO needs them and they are missing or incomplete, with the
     configs of ``upstream_configs`` (run_dir set to this run's). Several processes cannot safely run them in one
     launch; then the error names the command to run first. Returns the stages built."""
-    from rlhf.checkpoint import read_manifest, stage_output_dir
     from rlhf.config import load_config
     from rlhf.launcher import REPO_ROOT
     from rlhf.pipeline import STANDARD_STAGES, resolve_target
@@ -950,14 +951,17 @@ def run_with_upstream(cfg: PPOConfig) -> Path:
     built = build_missing_upstream(cfg)
     output_dir = run(cfg)
     if distributed_state().is_main_process:
-        from rlhf.checkpoint import read_manifest
-
         from rlhf.report import write_report
 
         metrics = (read_manifest(output_dir) or {}).get("metrics", {})
         print(summary_table(metrics, built))
-        plot, page = write_report(cfg.run_dir)
-        print(f"report: {page} (curves: {plot})")
+        # The report draws a run directory's stages; a PPO output written elsewhere (output_dir) is not one of them.
+        if output_dir.resolve() == stage_output_dir(cfg.run_dir, "ppo").resolve():
+            plot, page = write_report(cfg.run_dir)
+            print(f"report: {page} (curves: {plot})")
+        else:
+            logger.info("ppo: no report: the output %s is not the run directory's ppo/ (%s); `rlhf report RUN_DIR` "
+                        "draws a run directory's stages", output_dir, stage_output_dir(cfg.run_dir, "ppo"))
     return output_dir
 
 

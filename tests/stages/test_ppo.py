@@ -443,3 +443,26 @@ def test_the_learning_rate_schedule_ends_at_its_final_rate_when_epochs_stop_earl
     # Each update takes its share of the schedule: a third of the way per update for a linear one.
     if scheduler == "linear":
         assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2 * 2 / 3, 1e-2 / 3, 0.0])
+
+
+def test_a_run_written_outside_its_run_directory_exits_0_without_a_report(setup, tmp_path, capsys, caplog):
+    """launch/ppo.py with output_dir elsewhere and a run_dir that does not exist trains, completes its output and
+    exits 0: there is no run directory to draw a report from, and one info line says so."""
+    import logging
+
+    from rlhf.launcher import launch
+
+    root, sft, rm, prompts, eval_prompts = setup
+    run_dir, elsewhere = tmp_path / "a" / "new" / "dir", tmp_path / "elsewhere"
+    argv = [f"run_dir={run_dir}", f"output_dir={elsewhere}", f"model.name_or_path={sft}",
+            f"reward_model.name_or_path={rm}", f"data.path={prompts}", f"data.eval_path={eval_prompts}",
+            "rollout.batch_size=8", "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=1",
+            "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false"]
+    with caplog.at_level(logging.INFO, logger="stages.ppo"):
+        status = launch(ppo.run_with_upstream, ppo.Config, default_config=None, prog="launch/ppo.py", argv=argv)
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert read_manifest(elsewhere)["status"] == "complete"
+    assert "held-out" in captured.out and "report:" not in captured.out
+    assert sum("ppo: no report" in r.getMessage() for r in caplog.records) == 1
+    assert not run_dir.exists()
