@@ -688,7 +688,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         state.wait_for_everyone()
         if state.is_main_process:
             logger.info("ppo: %s", format_metrics(summary))
-        return stage.complete(summary, extra={"num_processes": state.num_processes, "critic_init": critic_source,
+        return stage.complete(summary, extra={"num_processes": state.num_processes,
+                                              "zero_stage": zero_stage(accelerator), "critic_init": critic_source,
                                               "reference": "adapters disabled" if reference is None else "copy",
                                               "policy_saved_as": saved, "score_norm": score_stats,
                                               "kl_coef_final": kl_ctl.value, "data": data_stats})

@@ -1,6 +1,7 @@
 """PPO on two CPU processes (torchrun, gloo): each sample's random stream is keyed by its global index, the batch
-statistics and token counts are all-reduced and the losses are token sums over the global count, so two processes
-produce the rollouts, losses and weights of one process on the same global batch."""
+statistics and token counts are all-reduced, every process trains on its share of the same global minibatches and
+the losses are token sums over the global count, so two processes produce the rollouts, losses and weights of one
+process on the same global batch, with the demo's 2 epochs of 2 minibatches."""
 
 from __future__ import annotations
 
@@ -26,14 +27,23 @@ def _overrides(root, name, sft, rm, prompts, eval_prompts):
     return [f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
             f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8",
             "rollout.max_new_tokens=8", "rollout.score_norm=first_rollout", "ppo.num_updates=1", "ppo.ppo_epochs=2",
-            "ppo.num_minibatches=1", "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false",
+            "ppo.num_minibatches=2", "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false",
             "optim.lr_scheduler=constant", "samples_every=1",
             # Adam's first step is lr * g / (|g| + eps): with a small eps it is lr * sign(g), and float noise in
             # near-zero gradients flips signs; with eps = 1 the step is proportional to the gradient.
             "optim.learning_rate=0.1", "optim.adam_epsilon=1.0"]
 
 
-def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path):
+#: Accelerate's environment for DeepSpeed ZeRO-3 (what `accelerate launch` exports from configs/accelerate/zero3.yaml),
+#: for torchrun, which starts two CPU processes that see each other.
+ZERO3_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+             "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+             "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+             "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path, engine):
 
     tokenizer = plain_tokenizer()
     sft = save_tiny_causal_lm(tmp_path / "sft", tokenizer)
@@ -42,13 +52,16 @@ def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path):
     eval_prompts = write_jsonl(tmp_path / "eval.jsonl", demo_rows("eval_prompts.jsonl", 12))
     args = (sft, rm, prompts, eval_prompts)
 
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    # accelerate ignores DeepSpeed when told to use the CPU; DeepSpeed finds the CPU by itself.
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(ZERO3_ENV if engine == "zero3" else {"ACCELERATE_USE_CPU": "1"}))
+    port = {"ddp": "29519", "zero3": "29521"}[engine]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(REPO_ROOT / "launch" / "ppo.py"), *_overrides(tmp_path, "two", *args)]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     two = tmp_path / "two" / "ppo"
     assert read_manifest(two)["num_processes"] == 2
+    assert read_manifest(two)["zero_stage"] == (3 if engine == "zero3" else 0)
 
     # The launcher starts from the demo config; so does the one-process run.
     one = ppo.run(load_config(PPOConfig, default_config_path("ppo"), _overrides(tmp_path, "one", *args)))
