@@ -92,8 +92,9 @@ def trainer_stop_callback(stop: StopRequest) -> Any:
 #: :class:`InjectedFault`, as a kill would (nothing after it runs); ``<point>:<step>:kill`` sends the process a real
 #: SIGKILL there instead. Points: ``checkpoint_write`` (part-way through writing the checkpoint of that step: weights
 #: written, the rest not) and ``after_checkpoint`` (once it is complete).
-#: Numerical faults (`fault_injected`): ``nan_scores`` (a NaN reward-model score) and ``nan_loss`` (a NaN loss) at
-#: update ``<step>``, or at every update from it on with ``<step>+``.
+#: Numerical faults (`fault_injected`): ``nan_scores`` (a NaN reward-model score), ``nan_loss`` (a NaN loss) and
+#: ``inf_grad`` (a finite loss whose gradient a hook makes infinite) at update ``<step>``, or at every update from it
+#: on with ``<step>+``.
 FAULT_ENV = "RLHF_FAULT"
 
 
