@@ -699,10 +699,11 @@ class RolloutConfig:
     top_p: float = option(1.0, doc="Nucleus sampling mass; 1 disables.", gt=0, le=1)
     stop_at_stop_token: bool = option(
         True, doc="End a response at its first stop token (EOS, end of turn); false always samples max_new_tokens "
-                  "(throughput benchmarks)."
+                  "(throughput benchmarks) and penalises none (missing_stop_penalty applies only when stopping)."
     )
     missing_stop_penalty: float = option(
-        1.0, doc="Subtracted from the score of a response that reached max_new_tokens without a stop token.", ge=0
+        1.0, doc="Subtracted from the score of a response that reached max_new_tokens without a stop token (with "
+                 "stop_at_stop_token only).", ge=0
     )
     score_norm: Literal["none", "reward_stats", "first_rollout"] = option(
         "reward_stats",
@@ -714,8 +715,8 @@ class RolloutConfig:
                                    semantic=False)
     generation_logprobs: bool = option(
         True, doc="Take the rollout's log-probs from generation's own logits instead of a second policy pass, when "
-                  "the policy computes in float32 (they agree to float32 rounding; in bf16/fp16 they would not, and "
-                  "the second pass runs).", semantic=False)
+                  "the training forward computes in float32 (they agree to float32 rounding; with bf16/fp16 weights "
+                  "or under mixed precision's autocast they would not, and the second pass runs).", semantic=False)
 
 
 @dataclass
@@ -730,7 +731,8 @@ class PPOAlgoConfig:
     clip_range: float = option(0.2, doc="Policy ratio clip epsilon.", gt=0)
     value_clip_range: float = option(0.2, doc="Value clip epsilon around the rollout's values.", gt=0)
     vf_coef: float = option(0.1, doc="Weight of the value loss in the joint loss.", ge=0)
-    entropy_coef: float = option(0.0, doc="Weight of an entropy bonus.", ge=0)
+    entropy_coef: float = option(0.0, doc="Weight of the entropy bonus: the loss adds -entropy_coef x the mean "
+                                          "per-token entropy of the policy (with its gradient).", ge=0)
     gamma: float = option(1.0, doc="Discount.", ge=0, le=1)
     lam: float = option(0.95, doc="GAE lambda.", ge=0, le=1)
     kl_coef: float = option(0.05, doc="KL penalty coefficient (initial value when kl_target is set).", ge=0)
