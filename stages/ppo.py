@@ -483,7 +483,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                         ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
                         tp = time.perf_counter()
                         if reuse_logprobs:
-                            old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=critic_head)
+                            old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width,
+                                                                    head=critic_head)
                         else:
                             lp, _, v = unwrapped(ids, att, width, temperature, False)
                             old_logprobs[rows, :width] = lp
@@ -564,9 +565,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                                                   mb.old_logprobs.shape[1], temperature,
                                                                   True)
                                 if fault_injected("inf_grad", update + 1):
-                                    # A finite loss whose gradient is not: one log-prob's gradient becomes inf.
-                                    logprobs.register_hook(lambda g: g.index_put((torch.tensor(0),) * g.dim(),
-                                                                                 torch.tensor(float("inf"))))
+                                    logprobs.register_hook(infinite_first_element)
                                 m = mb.rollout.response_mask
                                 if first_minibatch:
                                     logprob_gap += (masked_sum((logprobs.detach() - mb.old_logprobs).abs(), m)
@@ -840,6 +839,13 @@ def first_non_finite(accelerator: Any, tensors: dict[str, torch.Tensor]) -> str 
         if flag > 0:
             return name if name in local else f"{name} (on another process)"
     return None
+
+
+def infinite_first_element(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient hook for the ``inf_grad`` fault: a finite loss whose gradient is not (its first element is inf)."""
+    grad = grad.clone()
+    grad.view(-1)[0] = float("inf")
+    return grad
 
 
 def clone_tree(x: Any) -> Any:
