@@ -218,6 +218,30 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def compute_platform() -> dict[str, Any]:
+    """What the arithmetic ran on. Training results depend on the last bits of it: the thread count and the CPU's
+    instruction set (which kernels torch, MKL and oneDNN pick) change the rounding, and PPO amplifies rounding, so
+    runs with the same versions, data and seed end apart on other machines."""
+    import torch
+
+    info: dict[str, Any] = {"machine": platform.machine(), "cpu": _cpu_model(),
+                            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     """The manifest of a complete output, or None when the directory is missing or incomplete."""
     path = manifest_path(output_dir)
@@ -273,6 +297,7 @@ def write_manifest(
         "config": dict(config),
         "inputs": {k: dict(v) for k, v in inputs.items()},
         "versions": library_versions(),
+        "platform": compute_platform(),
         "metrics": dict(metrics or {}),
     }
     if extra:

@@ -22,6 +22,9 @@ def test_manifest_written_and_read(tmp_path):
     assert ck.read_manifest(out) == manifest
     assert manifest["status"] == "complete"
     assert {"torch", "transformers", "python"} <= set(manifest["versions"])
+    # Results depend on the arithmetic's platform too: the CPU, its instruction set as torch uses it, the threads.
+    assert {"cpu", "torch_cpu_capability", "torch_threads"} <= set(manifest["platform"])
+    assert manifest["platform"]["torch_threads"] >= 1
     assert ck.require_complete(out, stage="sft", how_to_build="x")["fingerprint"] == "f" * 16
 
 
