@@ -50,12 +50,16 @@ def test_main_command_builds_every_stage_and_ppo_beats_the_sft_policy(demo_run):
     m = ppo["metrics"]
     # Held-out prompts at the training temperature, before (the SFT policy) and after PPO.
     assert m["final/num_prompts"] >= 500
-    assert m["final/gold_positive"] >= 0.85  # 0.90-0.92 at PPO seeds 0-2; the SFT policy is at 0.31
+    # Floors below the README's band (PPO seeds 0-2 with constraints.txt: positive 0.88-0.92, gold 0.942-0.951,
+    # KL 3.23-3.59, score 1.92-2.12, grammatical and EOS 0.97-0.99), with room for another CPU or thread count
+    # (one thread: positive 0.95, gold 0.962, KL 3.91); the SFT policy is at positive 0.31, gold 0.75.
+    assert m["final/gold_positive"] >= 0.84
+    assert m["final/gold_combined"] >= 0.92
     assert m["final/gold_combined"] >= m["initial/gold_combined"] + 0.15
-    assert m["final/gold_grammatical"] >= m["initial/gold_grammatical"] - 0.02
-    assert m["final/eos_rate"] >= m["initial/eos_rate"] - 0.02
-    assert m["final/score_mean"] > m["initial/score_mean"]
-    assert m["final/kl"] > 0
+    assert 2.0 <= m["final/kl"] <= 5.0  # the KL penalty holds: 5.4 at kl_coef 0.1, far more without it
+    assert m["final/score_mean"] >= 1.5 and m["final/score_mean"] > m["initial/score_mean"]
+    assert m["final/gold_grammatical"] >= max(0.95, m["initial/gold_grammatical"] - 0.02)
+    assert m["final/eos_rate"] >= max(0.95, m["initial/eos_rate"] - 0.02)
 
 
 @pytest.mark.parametrize("pairs", ["sft", "generator"])
