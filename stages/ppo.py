@@ -382,6 +382,9 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         # oneDNN's packed linears (CPU, float32): packed per rollout (weights fixed) and per training micro-batch.
         pack_trained = onednn_linears(accelerator, cfg.model)
         pack_reward = onednn_linears(accelerator, cfg.reward_model)
+        training = Training(accelerator, model, unwrapped, optimizer, scheduler, pack_linears=pack_trained,
+                            micro_batch_size=minibatch // micro_per_minibatch, micro_batches=micro_per_minibatch,
+                            pad_token_id=tokenizer.pad_token_id)
 
         def packed_for_inference() -> contextlib.ExitStack:
             block = contextlib.ExitStack()
@@ -530,81 +533,13 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
 
             # 5. PPO epochs over minibatches of the global batch; micro-batches accumulate gradients.
             t1 = time.perf_counter()
-            unwrapped.train()
-            sums = torch.zeros(8, dtype=torch.float64, device=device)
-            # Mean |training log-prob - rollout log-prob| over the first minibatch, before any optimiser step.
-            logprob_gap = torch.zeros((), dtype=torch.float64, device=device)
-            optimizer_steps = epochs = 0
-            kl_before = sums[3].clone()
-            # Every process holds the whole global batch, so a minibatch is the same rows on 1 or N processes.
-            full = gather_batch(accelerator, batch, tokenizer.pad_token_id)
-            seq_lengths = full.rollout.attention_mask.sum(-1)
-            for epoch in range(cfg.ppo.ppo_epochs):
-                if bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
-                    break
-                if epochs and cfg.ppo.target_kl is not None:
-                    # The mean approximate KL of the last epoch (index 3 of sums), the same on every process.
-                    epoch_kl = accelerator.reduce(sums[3] - kl_before, "sum").item() / cfg.ppo.num_minibatches
-                    if epoch_kl > cfg.ppo.target_kl:
-                        break
-                kl_before = sums[3].clone()
-                epochs += 1
-                for mb_index, (mb_tokens, mb_rows) in enumerate(minibatches(
-                        cfg, update, epoch, full.rollout.response_mask, seq_lengths, state.process_index,
-                        state.num_processes)):
-                    if bad is not None:
-                        break
-                    first_minibatch = epoch == 0 and mb_index == 0
-                    # oneDNN packing for this minibatch's forwards and backwards: its one optimiser step comes
-                    # after the last of them.
-                    with packed_linears(unwrapped, enabled=pack_trained):
-                        for micro_rows in mb_rows.split(minibatch // micro_per_minibatch):
-                            mb = full.select(micro_rows)
-                            with accelerator.accumulate(model):
-                                logprobs, entropy, values = model(mb.rollout.input_ids, mb.rollout.attention_mask,
-                                                                  mb.old_logprobs.shape[1], temperature,
-                                                                  True)
-                                if fault_injected("inf_grad", update + 1):
-                                    logprobs.register_hook(infinite_first_element)
-                                m = mb.rollout.response_mask
-                                if first_minibatch:
-                                    logprob_gap += (masked_sum((logprobs.detach() - mb.old_logprobs).abs(), m)
-                                                    / mb_tokens).double()
-                                pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m,
-                                                                clip_range=cfg.ppo.clip_range,
-                                                                num_tokens=mb_tokens)
-                                values = critic_in_score_units(values, critic_source, score_stats)
-                                vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m,
-                                                               clip_range=cfg.ppo.value_clip_range,
-                                                               num_tokens=mb_tokens)
-                                entropy_loss, entropy_stats = entropy_bonus(entropy, m, num_tokens=mb_tokens)
-                                loss = pg_loss + cfg.ppo.vf_coef * vf_loss
-                                if cfg.ppo.entropy_coef:
-                                    loss = loss + cfg.ppo.entropy_coef * entropy_loss
-                                if fault_injected("nan_loss", update + 1):
-                                    loss = loss * float("nan")
-                                # DDP averages gradients over processes and accelerate divides by the accumulation
-                                # steps; undo both so the gradient is that of the global token-mean loss.
-                                if not optimiser_step(accelerator, model, optimizer,
-                                                      loss * state.num_processes * micro_per_minibatch,
-                                                      cfg.optim.max_grad_norm):
-                                    bad = "gradients"  # this step is not taken, nor the rest of the update
-                                    break
-                                if accelerator.sync_gradients:
-                                    scheduler.step()
-                                    optimizer_steps += 1
-                            sums += torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
-                                                 pg_stats["approx_kl"], entropy_stats["entropy"],
-                                                 vf_stats["clipfrac"], pg_stats["ratio"],
-                                                 torch.zeros((), device=device)]).double()
-            # A linear or cosine schedule is laid out for every epoch of every update: the optimiser steps an update
-            # did not take (target_kl, a skipped update) still pass, so the last update ends at the final rate.
-            for _ in range(cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches - optimizer_steps):
-                scheduler.step()
+            trained = optimise(cfg, training, batch, update, skip=bad, critic_source=critic_source,
+                               score_stats=score_stats)
+            bad = trained.bad
             train_s = time.perf_counter() - t1
 
             # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.
-            sums = accelerator.reduce(sums, "sum") / max(epochs * cfg.ppo.num_minibatches, 1)
+            losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
             seq_kl = (kl_per_token(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
             per_sample = torch.stack([raw_scores, raw_scores * raw_scores, seq_kl, mask.sum(-1).float(),
                                       rollout.stopped.float(), scores,
@@ -619,16 +554,15 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                 "rollout/response_len": totals[3].item(),
                 "rollout/eos_rate": totals[4].item(),
                 "rollout/reward_mean": totals[5].item(),
-                "ppo/policy_loss": sums[0].item(), "ppo/value_loss": sums[1].item(), "ppo/clipfrac": sums[2].item(),
-                "ppo/approx_kl": sums[3].item(), "ppo/entropy": sums[4].item(), "ppo/value_clipfrac": sums[5].item(),
-                "ppo/ratio": sums[6].item(), "ppo/explained_var": ev, "ppo/kl_coef": kl_ctl.value,
-                "ppo/logprob_gap": accelerator.reduce(logprob_gap, "sum").item(),
+                **{k: losses[k] for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl",
+                                          "ppo/entropy", "ppo/value_clipfrac", "ppo/ratio")},
+                "ppo/explained_var": ev, "ppo/kl_coef": kl_ctl.value, "ppo/logprob_gap": losses["ppo/logprob_gap"],
                 "ppo/lr": scheduler.get_last_lr()[0],
                 "time/rollout_s": rollout_s, "time/train_s": train_s,
                 **{f"time/{name}": seconds for name, seconds in phase.items()},
                 # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
                 "perf/sampled_tokens": totals[6].item() * cfg.rollout.batch_size,
-                "ppo/optimizer_steps": optimizer_steps, "ppo/epochs": epochs,
+                "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
                 "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
             }
             step = update + 1
@@ -692,6 +626,135 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                               "reference": "adapters disabled" if reference is None else "copy",
                                               "policy_saved_as": saved, "score_norm": score_stats,
                                               "kl_coef_final": kl_ctl.value, "data": data_stats})
+
+
+#: Per-minibatch statistics of an update, in the order they are logged: `UpdateStats` sums them over micro-batches.
+LOSS_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy",
+                "ppo/value_clipfrac", "ppo/ratio")
+
+
+@dataclasses.dataclass
+class Training:
+    """What the optimise phase works with: the prepared module (DDP or DeepSpeed engine) and the unwrapped policy +
+    critic inside it, the optimiser and its schedule, whether the linears run packed for oneDNN, this process's
+    micro-batch size and micro-batches per minibatch, and the pad token of the rollouts."""
+
+    accelerator: Any
+    model: Any
+    unwrapped: PolicyAndCritic
+    optimizer: Any
+    scheduler: Any
+    pack_linears: bool
+    micro_batch_size: int
+    micro_batches: int
+    pad_token_id: int
+
+
+@dataclasses.dataclass
+class UpdateStats:
+    """What one update's optimisation did on this process. ``sums`` adds up, per `LOSS_METRICS` name, each
+    micro-batch's share of its minibatch's token mean (so over processes and minibatches it gives the mean per
+    minibatch); ``logprob_gap`` is the first minibatch's mean |training - rollout log-prob|, before any step;
+    ``bad`` names what was not finite when the update was skipped."""
+
+    sums: dict[str, torch.Tensor]
+    logprob_gap: torch.Tensor
+    optimizer_steps: int = 0
+    epochs: int = 0
+    bad: str | None = None
+
+    @classmethod
+    def zeros(cls, device: Any, bad: str | None) -> "UpdateStats":
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls({name: zero() for name in LOSS_METRICS}, zero(), bad=bad)
+
+    def reduced(self, accelerator: Any, num_minibatches: int) -> dict[str, float]:
+        """Means over the minibatches run on all processes, and the log-prob gap: one reduce."""
+        totals = accelerator.reduce(torch.stack([*self.sums.values(), self.logprob_gap]), "sum")
+        means = totals[:-1] / max(self.epochs * num_minibatches, 1)
+        return {**dict(zip(self.sums, means.tolist())), "ppo/logprob_gap": totals[-1].item()}
+
+
+def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, skip: str | None,
+             critic_source: str, score_stats: dict[str, float] | None) -> UpdateStats:
+    """PPO epochs over minibatches of the global batch (`minibatches`), micro-batches accumulating each
+    minibatch's gradient. Nothing trains when ``skip`` names a non-finite input; non-finite
+    gradients stop the update. ``ppo.target_kl`` ends the epochs early. The schedule passes the steps not taken."""
+    accelerator = training.accelerator
+    state = distributed_state()
+    stats = UpdateStats.zeros(accelerator.device, skip)
+    training.unwrapped.train()
+    # Every process holds the whole global batch, so a minibatch is the same rows on 1 or N processes.
+    full = gather_batch(accelerator, batch, training.pad_token_id)
+    seq_lengths = full.rollout.attention_mask.sum(-1)
+    for epoch in range(cfg.ppo.ppo_epochs):
+        if stats.bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
+            break
+        if stats.epochs and cfg.ppo.target_kl is not None:
+            # The mean approximate KL of the last epoch, the same on every process.
+            epoch_kl = accelerator.reduce(stats.sums["ppo/approx_kl"] - kl_before, "sum").item()
+            if epoch_kl / cfg.ppo.num_minibatches > cfg.ppo.target_kl:
+                break
+        kl_before = stats.sums["ppo/approx_kl"].clone()
+        stats.epochs += 1
+        for mb_index, (mb_tokens, mb_rows) in enumerate(minibatches(
+                cfg, update, epoch, full.rollout.response_mask, seq_lengths, state.process_index,
+                state.num_processes)):
+            # oneDNN packing for this minibatch's forwards and backwards: its one optimiser step comes after them.
+            with packed_linears(training.unwrapped, enabled=training.pack_linears):
+                for micro_rows in mb_rows.split(training.micro_batch_size):
+                    if not micro_step(cfg, training, full.select(micro_rows), mb_tokens, stats, update=update,
+                                      first_minibatch=epoch == 0 and mb_index == 0, critic_source=critic_source,
+                                      score_stats=score_stats):
+                        stats.bad = "gradients"  # this step is not taken, nor the rest of the update
+                        break
+            if stats.bad is not None:
+                break
+    # A linear or cosine schedule is laid out for every epoch of every update: the optimiser steps an update did not
+    # take (target_kl, a skipped update) still pass, so the last update ends at the final rate.
+    for _ in range(cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches - stats.optimizer_steps):
+        training.scheduler.step()
+    return stats
+
+
+def micro_step(cfg: PPOConfig, training: Training, mb: Batch, mb_tokens: torch.Tensor, stats: UpdateStats, *,
+               update: int, first_minibatch: bool, critic_source: str,
+               score_stats: dict[str, float] | None) -> bool:
+    """Forward, losses and backward of one micro-batch, and the optimiser step at the end of its minibatch; its
+    statistics go into ``stats``. False when the gradient was not finite (no step was taken)."""
+    with training.accelerator.accumulate(training.model):
+        logprobs, entropy, values = training.model(mb.rollout.input_ids, mb.rollout.attention_mask,
+                                                   mb.old_logprobs.shape[1], cfg.rollout.temperature or 1.0, True)
+        if fault_injected("inf_grad", update + 1):
+            logprobs.register_hook(infinite_first_element)
+        m = mb.rollout.response_mask
+        if first_minibatch:
+            stats.logprob_gap += (masked_sum((logprobs.detach() - mb.old_logprobs).abs(), m) / mb_tokens).double()
+        pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m, clip_range=cfg.ppo.clip_range,
+                                        num_tokens=mb_tokens)
+        values = critic_in_score_units(values, critic_source, score_stats)
+        vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m, clip_range=cfg.ppo.value_clip_range,
+                                       num_tokens=mb_tokens)
+        entropy_loss, entropy_stats = entropy_bonus(entropy, m, num_tokens=mb_tokens)
+        loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+        if cfg.ppo.entropy_coef:
+            loss = loss + cfg.ppo.entropy_coef * entropy_loss
+        if fault_injected("nan_loss", update + 1):
+            loss = loss * float("nan")
+        # DDP averages gradients over processes and accelerate divides by the accumulation steps; undo both so the
+        # gradient is that of the global token-mean loss.
+        if not optimiser_step(training.accelerator, training.model, training.optimizer,
+                              loss * training.accelerator.num_processes * training.micro_batches,
+                              cfg.optim.max_grad_norm):
+            return False
+        if training.accelerator.sync_gradients:
+            training.scheduler.step()
+            stats.optimizer_steps += 1
+    for name, value in zip(LOSS_METRICS, (pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
+                                          pg_stats["approx_kl"], entropy_stats["entropy"], vf_stats["clipfrac"],
+                                          pg_stats["ratio"])):
+        stats.sums[name] += value.double()
+    return True
 
 
 def gather_batch(accelerator: Any, batch: Batch, pad_token_id: int) -> Batch:
