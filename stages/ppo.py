@@ -399,11 +399,9 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                     minibatch, micro_per_minibatch, trainable, total, critic_source,
                     "policy with adapters disabled" if reference is None else "frozen copy")
 
-        def reference_logprobs(input_ids: torch.Tensor, attention_mask: torch.Tensor, r: int) -> torch.Tensor:
-            if reference is not None:
-                return policy_forward(reference, input_ids, attention_mask, r, temperature=temperature)[0]
-            with unwrapped.policy.disable_adapter():
-                return policy_forward(unwrapped.policy, input_ids, attention_mask, r, temperature=temperature)[0]
+        scoring = Scoring(accelerator, unwrapped, reference, scorer, critic_head, reuse_logprobs=reuse_logprobs,
+                          temperature=temperature, micro_batch_size=cfg.rollout.micro_batch_size,
+                          equal_count=zero3)
 
         kl_ctl: FixedKLController | AdaptiveKLController = (
             FixedKLController(cfg.ppo.kl_coef) if cfg.ppo.kl_target is None
@@ -419,7 +417,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             indices = list(range(state.process_index, len(eval_prompts.prompts), state.num_processes))
             unwrapped.eval()
             with gathered_for_generation(accelerator, unwrapped.policy), packed_for_inference():
-                records = evaluate_policy(unwrapped.policy, reference_logprobs, scorer, eval_prompts, indices,
+                records = evaluate_policy(unwrapped.policy, scoring.reference_logprobs, scorer, eval_prompts, indices,
                                           settings, seed=cfg.seed, device=device,
                                           batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold,
                                           progress=f"held-out eval (update {update})" if state.is_main_process
@@ -459,68 +457,24 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             prompt_rows = [prompts[g] for g in indices]
             unwrapped.eval()
             with torch.inference_mode(), packed_for_inference():
-                parts = []
-                with gathered_for_generation(accelerator, unwrapped.policy):
-                    for start in range(0, local_batch, cfg.rollout.micro_batch_size):
-                        chunk = indices[start:start + cfg.rollout.micro_batch_size]
-                        rows = prompt_rows[start:start + cfg.rollout.micro_batch_size]
-                        uniforms = sample_uniforms(cfg.seed, "rollout", chunk, cfg.rollout.max_new_tokens)
-                        parts.append(generate(unwrapped.policy, [train_prompts.prompt_ids[i] for i in rows],
-                                              uniforms, settings, device))
-                rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+                rollout = generate_rollout(cfg, scoring, settings, [train_prompts.prompt_ids[i] for i in prompt_rows],
+                                           indices)
                 phase["generate_s"] = time.perf_counter() - t0
-                r = rollout.response_ids.shape[1]
                 mask = rollout.response_mask
-                # Old log-probs from generation's own logits (float32 policy) or a policy pass; old values; the
-                # reference's log-probs. Rows go through in groups of similar lengths, each without the columns
-                # that are padding in all its rows; 0 past each response.
-                old_values, ref_logprobs = (torch.zeros(local_batch, r, device=device) for _ in range(2))
-                old_logprobs = rollout.logprobs if reuse_logprobs else torch.zeros(local_batch, r, device=device)
-                lengths = rollout.attention_mask.sum(-1).tolist()
-                # Old log-probs, values and the reference in the precision the training forward computes in
-                # (accelerate's autocast under mixed precision), so the first ratio is 1 and the first KL 0.
-                with accelerator.autocast():
-                    for group in length_groups(lengths, cfg.rollout.micro_batch_size, equal_count=zero3):
-                        rows = torch.tensor(group, device=device)
-                        part = rollout.select(rows)
-                        ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
-                        tp = time.perf_counter()
-                        if reuse_logprobs:
-                            old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width,
-                                                                    head=critic_head)
-                        else:
-                            lp, _, v = unwrapped(ids, att, width, temperature, False)
-                            old_logprobs[rows, :width] = lp
-                            old_values[rows, :width] = v
-                        tr = time.perf_counter()
-                        ref_logprobs[rows, :width] = reference_logprobs(ids, att, width)
-                        phase["policy_value_s"] += tr - tp
-                        phase["reference_s"] += time.perf_counter() - tr
-                ts = time.perf_counter()
-                raw_scores = scorer.score([train_prompts.prompts[i] for i in prompt_rows], rollout.prompt_lists(),
-                                          rollout.response_lists()).to(device)
+                scored = score_rollout(scoring, rollout, [train_prompts.prompts[i] for i in prompt_rows], phase)
+                old_logprobs, old_values, ref_logprobs, raw_scores = (
+                    scored.old_logprobs, scored.old_values, scored.ref_logprobs, scored.raw_scores)
                 if fault_injected("nan_scores", update + 1):
                     raw_scores[0] = float("nan")
-                phase["reward_s"] = time.perf_counter() - ts
 
                 # 4. Scores, KL-shaped rewards, advantages (statistics over all processes).
                 if cfg.rollout.score_norm == "first_rollout" and score_stats is None:
                     mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
                     score_stats = {"mean": mean.item(), "std": math.sqrt(var.item())}
-                old_values = critic_in_score_units(old_values, critic_source, score_stats)
-                # Without stopping every response runs to max_new_tokens: none is cut short, none is penalised.
-                scores = final_scores(raw_scores, rollout.stopped, score_stats,
-                                      missing_stop_penalty=(cfg.rollout.missing_stop_penalty
-                                                            if cfg.rollout.stop_at_stop_token else 0.0),
-                                      clip=cfg.rollout.score_clip)
-                kl = kl_per_token(old_logprobs, ref_logprobs, cfg.ppo.kl_estimator) * mask
-                rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
-                if cfg.ppo.whiten_rewards:
-                    rewards = whiten(rewards, mask, shift_mean=False,
-                                     stats=accelerator.reduce(moments(rewards, mask), "sum"))
-                advantages, returns = gae(rewards, old_values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
-                if cfg.ppo.whiten_advantages:
-                    advantages = whiten(advantages, mask, stats=accelerator.reduce(moments(advantages, mask), "sum"))
+                shaped = rewards_and_advantages(cfg, accelerator, rollout, scored, score_stats, kl_ctl.value,
+                                                critic_source)
+                old_values, scores, rewards, advantages, returns = (
+                    shaped.old_values, shaped.scores, shaped.rewards, shaped.advantages, shaped.returns)
                 # A non-finite number anywhere here would reach the weights: skip the update (all processes).
                 bad = first_non_finite(accelerator, {
                     "reward-model scores": raw_scores, "old log-probs": old_logprobs[mask],
@@ -628,6 +582,124 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                                               "kl_coef_final": kl_ctl.value, "data": data_stats})
 
 
+@dataclasses.dataclass
+class Scoring:
+    """What scores a rollout: the unwrapped policy + critic (and the critic's head), the reference (None: the policy
+    with its adapters disabled), the reward model's scorer; whether the rollout's log-probs serve as the old ones;
+    the sampling temperature; rows per pass, and whether every process must run as many passes (ZeRO-3)."""
+
+    accelerator: Any
+    unwrapped: PolicyAndCritic
+    reference: torch.nn.Module | None
+    scorer: RewardScorer
+    critic_head: torch.nn.Module
+    reuse_logprobs: bool
+    temperature: float
+    micro_batch_size: int
+    equal_count: bool
+
+    def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, r: int) -> torch.Tensor:
+        """The reference's log-probs of the last ``r`` tokens at the sampling temperature. [B, r]."""
+        if self.reference is not None:
+            return policy_forward(self.reference, input_ids, attention_mask, r, temperature=self.temperature)[0]
+        with self.unwrapped.policy.disable_adapter():
+            return policy_forward(self.unwrapped.policy, input_ids, attention_mask, r,
+                                  temperature=self.temperature)[0]
+
+
+@dataclasses.dataclass
+class ScoredRollout:
+    """A rollout's old log-probs, the critic's values (in its own units), the reference's log-probs ([B, R] each,
+    0 past each response) and the reward model's raw scores [B]."""
+
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    raw_scores: torch.Tensor
+
+
+def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], seconds: dict[str, float]) -> ScoredRollout:
+    """Old log-probs (from generation's own logits, or a policy pass), values, the reference's log-probs and the
+    reward model's scores of ``rollout`` (whose prompts, as data, are ``prompts``). Rows go through in groups of
+    similar lengths, each without the columns that are padding in all its rows. Adds the time of each kind of pass
+    to ``seconds`` (policy_value_s, reference_s, reward_s)."""
+    unwrapped, device = scoring.unwrapped, rollout.response_ids.device
+    batch, r = rollout.response_ids.shape
+    old_values, ref_logprobs = (torch.zeros(batch, r, device=device) for _ in range(2))
+    old_logprobs = rollout.logprobs if scoring.reuse_logprobs else torch.zeros(batch, r, device=device)
+    lengths = rollout.attention_mask.sum(-1).tolist()
+    # In the precision the training forward computes in (accelerate's autocast under mixed precision), so the first
+    # ratio is 1 and the first KL 0.
+    with scoring.accelerator.autocast():
+        for group in length_groups(lengths, scoring.micro_batch_size, equal_count=scoring.equal_count):
+            rows = torch.tensor(group, device=device)
+            part = rollout.select(rows)
+            ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
+            tp = time.perf_counter()
+            if scoring.reuse_logprobs:
+                old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=scoring.critic_head)
+            else:
+                lp, _, v = unwrapped(ids, att, width, scoring.temperature, False)
+                old_logprobs[rows, :width] = lp
+                old_values[rows, :width] = v
+            tr = time.perf_counter()
+            ref_logprobs[rows, :width] = scoring.reference_logprobs(ids, att, width)
+            seconds["policy_value_s"] += tr - tp
+            seconds["reference_s"] += time.perf_counter() - tr
+    ts = time.perf_counter()
+    raw_scores = scoring.scorer.score(prompts, rollout.prompt_lists(), rollout.response_lists()).to(device)
+    seconds["reward_s"] = time.perf_counter() - ts
+    return ScoredRollout(old_logprobs, old_values, ref_logprobs, raw_scores)
+
+
+def generate_rollout(cfg: PPOConfig, scoring: Scoring, settings: GenerationSettings, prompt_ids: list[list[int]],
+                     indices: list[int]) -> Rollout:
+    """One response to each prompt, ``rollout.micro_batch_size`` prompts per generation pass, the prompt of global
+    sample index ``indices[i]`` with that index's random stream; under ZeRO-3 with the policy's weights gathered once
+    for all the passes."""
+    parts = []
+    step = cfg.rollout.micro_batch_size
+    with gathered_for_generation(scoring.accelerator, scoring.unwrapped.policy):
+        for start in range(0, len(indices), step):
+            uniforms = sample_uniforms(cfg.seed, "rollout", indices[start:start + step], cfg.rollout.max_new_tokens)
+            parts.append(generate(scoring.unwrapped.policy, prompt_ids[start:start + step], uniforms, settings,
+                                  scoring.accelerator.device))
+    return concat_rollouts(parts, settings.pad_token_id)
+
+
+@dataclasses.dataclass
+class ShapedRollout:
+    """The critic's values in the units of the scores, the final scores [B], the KL-shaped per-token rewards, the
+    advantages and the returns ([B, R] each)."""
+
+    old_values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def rewards_and_advantages(cfg: PPOConfig, accelerator: Any, rollout: Rollout, scored: ScoredRollout,
+                           score_stats: dict[str, float] | None, kl_coef: float,
+                           critic_source: str) -> ShapedRollout:
+    """Final scores, per-token rewards with the KL penalty (score on the last token), GAE advantages and returns;
+    whitening statistics over all processes."""
+    mask = rollout.response_mask
+    old_values = critic_in_score_units(scored.old_values, critic_source, score_stats)
+    # Without stopping every response runs to max_new_tokens: none is cut short, none is penalised.
+    scores = final_scores(scored.raw_scores, rollout.stopped, score_stats,
+                          missing_stop_penalty=cfg.rollout.missing_stop_penalty if cfg.rollout.stop_at_stop_token
+                          else 0.0, clip=cfg.rollout.score_clip)
+    kl = kl_per_token(scored.old_logprobs, scored.ref_logprobs, cfg.ppo.kl_estimator) * mask
+    rewards = shaped_rewards(scores, kl, mask, kl_coef)
+    if cfg.ppo.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False, stats=accelerator.reduce(moments(rewards, mask), "sum"))
+    advantages, returns = gae(rewards, old_values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+    if cfg.ppo.whiten_advantages:
+        advantages = whiten(advantages, mask, stats=accelerator.reduce(moments(advantages, mask), "sum"))
+    return ShapedRollout(old_values, scores, rewards, advantages, returns)
+
+
 #: Per-minibatch statistics of an update, in the order they are logged: `UpdateStats` sums them over micro-batches.
 LOSS_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy",
                 "ppo/value_clipfrac", "ppo/ratio")
@@ -687,6 +759,7 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
     # Every process holds the whole global batch, so a minibatch is the same rows on 1 or N processes.
     full = gather_batch(accelerator, batch, training.pad_token_id)
     seq_lengths = full.rollout.attention_mask.sum(-1)
+    kl_before = stats.sums["ppo/approx_kl"].clone()
     for epoch in range(cfg.ppo.ppo_epochs):
         if stats.bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
             break
