@@ -473,8 +473,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
                     score_stats = {"mean": mean.item(), "std": math.sqrt(var.item())}
                 shaped = rewards_and_advantages(cfg, accelerator, rollout, scored, score_stats, kl_ctl.value,
                                                 critic_source)
-                old_values, scores, rewards, advantages, returns = (
-                    shaped.old_values, shaped.scores, shaped.rewards, shaped.advantages, shaped.returns)
+                old_values, rewards, advantages, returns = (
+                    shaped.old_values, shaped.rewards, shaped.advantages, shaped.returns)
                 # A non-finite number anywhere here would reach the weights: skip the update (all processes).
                 bad = first_non_finite(accelerator, {
                     "reward-model scores": raw_scores, "old log-probs": old_logprobs[mask],
@@ -494,28 +494,18 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
 
             # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.
             losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
-            seq_kl = (kl_per_token(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
-            per_sample = torch.stack([raw_scores, raw_scores * raw_scores, seq_kl, mask.sum(-1).float(),
-                                      rollout.stopped.float(), scores,
-                                      torch.full_like(scores, float(rollout.response_ids.shape[1]))]).double()
-            totals = accelerator.reduce(per_sample.sum(-1), "sum") / cfg.rollout.batch_size
-            ev = explained_variance_all(accelerator, old_values, returns, mask)
-            generated = totals[3].item() * cfg.rollout.batch_size
+            drawn = rollout_means(accelerator, rollout, scored, shaped, cfg.rollout.batch_size)
+            generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
             metrics = {
-                "rollout/score_mean": totals[0].item(),
-                "rollout/score_std": math.sqrt(max(totals[1].item() - totals[0].item() ** 2, 0.0)),
-                "rollout/kl": totals[2].item(),
-                "rollout/response_len": totals[3].item(),
-                "rollout/eos_rate": totals[4].item(),
-                "rollout/reward_mean": totals[5].item(),
-                **{k: losses[k] for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl",
-                                          "ppo/entropy", "ppo/value_clipfrac", "ppo/ratio")},
-                "ppo/explained_var": ev, "ppo/kl_coef": kl_ctl.value, "ppo/logprob_gap": losses["ppo/logprob_gap"],
+                **{k: drawn[k] for k in ROLLOUT_METRICS},
+                **{k: losses[k] for k in LOSS_METRICS},
+                "ppo/explained_var": explained_variance_all(accelerator, old_values, returns, mask),
+                "ppo/kl_coef": kl_ctl.value, "ppo/logprob_gap": losses["ppo/logprob_gap"],
                 "ppo/lr": scheduler.get_last_lr()[0],
                 "time/rollout_s": rollout_s, "time/train_s": train_s,
                 **{f"time/{name}": seconds for name, seconds in phase.items()},
                 # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
-                "perf/sampled_tokens": totals[6].item() * cfg.rollout.batch_size,
+                "perf/sampled_tokens": drawn["sampled_tokens"] * cfg.rollout.batch_size,
                 "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
                 "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
             }
@@ -698,6 +688,31 @@ def rewards_and_advantages(cfg: PPOConfig, accelerator: Any, rollout: Rollout, s
     if cfg.ppo.whiten_advantages:
         advantages = whiten(advantages, mask, stats=accelerator.reduce(moments(advantages, mask), "sum"))
     return ShapedRollout(old_values, scores, rewards, advantages, returns)
+
+
+#: What each update's rollout drew and scored, means over the global batch, in the order they are logged.
+ROLLOUT_METRICS = ("rollout/score_mean", "rollout/score_std", "rollout/kl", "rollout/response_len",
+                   "rollout/eos_rate", "rollout/reward_mean")
+
+
+def rollout_means(accelerator: Any, rollout: Rollout, scored: ScoredRollout, shaped: ShapedRollout,
+                  batch_size: int) -> dict[str, float]:
+    """`ROLLOUT_METRICS` over the global batch of ``batch_size`` responses (the reward model's raw scores, the KL
+    per response, the length, the stop rate, the final scores) and ``sampled_tokens``, the tokens drawn per
+    response (the longest response's length: generation runs every row until the last stops); one reduce."""
+    mask = rollout.response_mask
+    raw = scored.raw_scores
+    per_sample = {
+        "rollout/score_mean": raw, "score_squares": raw * raw,
+        "rollout/kl": (kl_per_token(scored.old_logprobs, scored.ref_logprobs, "k1") * mask).sum(-1),
+        "rollout/response_len": mask.sum(-1).float(), "rollout/eos_rate": rollout.stopped.float(),
+        "rollout/reward_mean": shaped.scores,
+        "sampled_tokens": torch.full_like(shaped.scores, float(rollout.response_ids.shape[1])),
+    }
+    totals = accelerator.reduce(torch.stack(list(per_sample.values())).double().sum(-1), "sum") / batch_size
+    means = dict(zip(per_sample, totals.tolist()))
+    means["rollout/score_std"] = math.sqrt(max(means.pop("score_squares") - means["rollout/score_mean"] ** 2, 0.0))
+    return means
 
 
 #: Per-minibatch statistics of an update, in the order they are logged: `UpdateStats` sums them over micro-batches.
