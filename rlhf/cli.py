@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return validate_data_main(rest)
     if command == "report":
         from rlhf.errors import RLHFError
-        from rlhf.launcher import EXIT_USER_ERROR
+        from rlhf.errors import EXIT_USER_ERROR
         from rlhf.report import report_main
 
         try:
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USER_ERROR
     if command == "status":
         from rlhf.errors import RLHFError
-        from rlhf.launcher import EXIT_USER_ERROR
+        from rlhf.errors import EXIT_USER_ERROR
         from rlhf.pipeline import format_status, run_status
 
         if len(rest) != 1:

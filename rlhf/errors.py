@@ -10,6 +10,10 @@ import errno
 from pathlib import Path
 
 
+#: Exit status of a run stopped by a problem in its input, config or environment.
+EXIT_USER_ERROR = 2
+
+
 class RLHFError(Exception):
     """Base class of the errors a user can fix by changing their input, config or environment."""
 

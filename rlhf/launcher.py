@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlhf.config import field_paths, parse_cli
-from rlhf.errors import (RLHFError, is_out_of_memory, is_storage_failure, out_of_memory_advice,
+from rlhf.errors import (EXIT_USER_ERROR, RLHFError, is_out_of_memory, is_storage_failure, out_of_memory_advice,
                          storage_error)
 from rlhf.signals import EXIT_INTERRUPTED, StageInterrupted, stop_with_launcher
-
-#: Exit status of a run stopped by a problem in its input, config or environment.
-EXIT_USER_ERROR = 2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -628,7 +628,7 @@ Overrides address one stage: ppo.ppo.num_updates=2 sets ppo.num_updates in the p
 def pipeline_main(argv: Sequence[str] | None = None, *, default_config: str | Path | None = None,
                   prog: str = "rlhf run") -> int:
     """The command line of ``rlhf run`` and ``launch/pipeline.py``; returns the exit status."""
-    from rlhf.launcher import EXIT_USER_ERROR
+    from rlhf.errors import EXIT_USER_ERROR
     from rlhf.tracking import setup_logging
 
     parser = argparse.ArgumentParser(prog=prog, description=PIPELINE_USAGE,

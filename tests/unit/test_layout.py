@@ -17,6 +17,15 @@ def test_library_never_imports_stages_or_launchers():
     assert offenders == []
 
 
+def test_the_pipeline_never_imports_the_launcher():
+    """rlhf.launcher runs one stage and looks its target up in rlhf.pipeline; the pipeline starts stages as processes
+    of the launcher by module name, never by importing it: imports go one way."""
+    for name in ("pipeline.py", "cli.py"):
+        text = (REPO_ROOT / "rlhf" / name).read_text()
+        pattern = r"^\s*(from rlhf\.launcher|from rlhf import launcher|import rlhf\.launcher)"
+        assert not re.search(pattern, text, re.M), name
+
+
 def test_launchers_stay_thin():
     for path in _sources("launch"):
         code = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
