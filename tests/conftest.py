@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -25,3 +26,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_handler():
+    """``setup_logging`` keeps one stderr handler per process, bound to the stderr of the test that made it; a later
+    test's log line would go to that test's closed capture. Each test that sets up logging gets its own."""
+    yield
+    from rlhf import tracking
+
+    if tracking._log_handler is not None:
+        logging.getLogger().removeHandler(tracking._log_handler)
+        tracking._log_handler = None

@@ -144,7 +144,8 @@ def save_reward_model(path, base, tokenizer, seed=1):
 
 def wandb_records(path: Path) -> list:
     """Records of a W&B transaction log (run-*.wandb): a 7-byte header, then 32 KiB blocks of chunks, each with a
-    7-byte header (crc32, length, type); types 1 = full, 2/3/4 = first/middle/last piece of a protobuf `Record`."""
+    7-byte header (crc32, length, type); types 1 = full, 2/3/4 = first/middle/last piece of a protobuf `Record`.
+    The file may be read while W&B's service is still appending to it: a chunk cut short at the end is left out."""
     from wandb.proto import wandb_internal_pb2
 
     block, chunk_header = 32768, 7
@@ -157,6 +158,8 @@ def wandb_records(path: Path) -> list:
         if room < chunk_header or kind == 0:  # the zero padding at the end of a block
             pos += room
             continue
+        if pos + chunk_header + length > len(data):  # a chunk W&B's service is still writing
+            break
         pending += data[pos + chunk_header : pos + chunk_header + length]
         pos += chunk_header + length
         if kind in (1, 4):

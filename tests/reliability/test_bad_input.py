@@ -45,17 +45,6 @@ def models(tmp_path_factory):
     return {"base": base, "reward": rm, "tokenizer": tokenizer}
 
 
-@pytest.fixture(autouse=True)
-def fresh_log_handler():
-    """``setup_logging`` keeps its stderr handler across calls; give each test one bound to its own captured stderr."""
-    yield
-    from rlhf import tracking
-
-    if tracking._log_handler is not None:
-        logging.getLogger().removeHandler(tracking._log_handler)
-        tracking._log_handler = None
-
-
 def overrides(stage: str, tmp_path: Path, models: dict, data: Path, *extra: str) -> list[str]:
     """A small run of ``stage`` in ``tmp_path/run`` on ``data``; ``extra`` comes last and wins."""
     common = [f"run_dir={tmp_path / 'run'}", f"data.path={data}", "data.eval_fraction=0", "logging.log_every=1",

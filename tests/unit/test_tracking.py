@@ -13,7 +13,7 @@ import pytest
 from rlhf import tracking
 from rlhf.errors import ConfigError
 from rlhf.tracking import Tracker, read_metrics, read_samples, read_summary, redact, wandb_mode
-from support import finished_wandb_records, wandb_run_contents
+from support import finished_wandb_records, wandb_records, wandb_run_contents
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -177,6 +177,15 @@ def test_wandb_offline_runs_hold_logged_keys(tmp_path: Path) -> None:
         assert json.loads(table.read_text())["data"] == [["Good", " food."]]
     # JSONL is on even when only W&B was asked for.
     assert [r["step"] for r in read_metrics(run_root / "sft")] == [1, 2]
+
+    # W&B's service may still be appending when the reader looks: a file cut anywhere reads as a prefix of its records.
+    (log_file,) = runs["sft"][0].glob("run-*.wandb")
+    data, whole = log_file.read_bytes(), [record.SerializeToString() for record in wandb_records(log_file)]
+    cut_file = tmp_path / "cut.wandb"
+    for cut in range(7, len(data), 13):
+        cut_file.write_bytes(data[:cut])
+        records = [record.SerializeToString() for record in wandb_records(cut_file)]
+        assert records == whole[: len(records)], cut
 
 
 def test_tensorboard_events_hold_scalars(tmp_path: Path) -> None:
