@@ -6,6 +6,7 @@ An upstream rename breaks here and nowhere else. Everything the Trainer would lo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -102,28 +103,59 @@ class StepSortedSampler(torch.utils.data.Sampler[int]):
         self.epoch += 1
 
 
-def sort_micro_batches(trainer: Any, train: Any) -> bool:
-    """Make a TRL/transformers ``trainer`` draw its training examples through :class:`StepSortedSampler` when
-    ``train.sort_micro_batches`` is on, the sampling is random and a step has more than one micro-batch. Lengths come
-    from the dataset's "length" column, else from its ``input_ids``. Returns whether it did."""
-    args = trainer.args
+def step_sort_size(args: Any) -> int | None:
+    """How many examples one optimiser step draws from the sampler (micro-batch x accumulation steps x processes)
+    when the Trainer arguments ``args`` leave :class:`StepSortedSampler` something to do: random sampling in
+    accelerate's seeded order, and more than one micro-batch per step. None otherwise."""
     step_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-    if not train.sort_micro_batches or train.group_by_length or step_size == args.per_device_train_batch_size:
-        return False
+    if args.train_sampling_strategy != "random" or step_size == args.per_device_train_batch_size:
+        return None
     if not args.accelerator_config.use_seedable_sampler:
-        return False  # the unsorted order would not be the seeded one this sampler reproduces
+        return None  # the unsorted order would not be the seeded one this sampler reproduces
+    return step_size
 
-    def sampler(train_dataset: Any = None) -> StepSortedSampler:
-        dataset = trainer.train_dataset if train_dataset is None else train_dataset
-        if "length" in dataset.column_names:
-            lengths = dataset["length"]
-        else:
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        return StepSortedSampler(lengths, step_size, seed)
 
-    trainer._get_train_sampler = sampler  # the Trainer's hook for its training sampler (transformers 5)
-    return True
+def example_lengths(dataset: Any) -> list[int]:
+    """Each example's length: the dataset's "length" column, else the length of its ``input_ids``."""
+    if "length" in dataset.column_names:
+        return list(dataset["length"])
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
+@functools.cache
+def trainer_class(base: type) -> type:
+    """``base`` (a TRL/transformers Trainer class) with the stages' two hooks, as overrides in a subclass.
+
+    - ``sort_micro_batches=True`` (a constructor keyword) draws the training examples through
+      :class:`StepSortedSampler` where `step_sort_size` allows it, instead of the Trainer's random sampler.
+    - The ``RLHF_FAULT`` point ``checkpoint_write`` (`rlhf.signals.fault_point`) fires once the weights of a
+      checkpoint are written and before its optimiser and state are.
+
+    Both override methods the Trainer calls on itself: ``_get_train_sampler(train_dataset)`` and
+    ``save_model(output_dir, _internal_call=True)`` from ``_save_checkpoint``. They are not public API;
+    ``tests/unit/test_trl_bridge.py`` fails with the name of the one that moved.
+    """
+
+    class StageTrainer(base):
+        def __init__(self, *args: Any, sort_micro_batches: bool = False, **kwargs: Any) -> None:
+            self.sort_micro_batches = sort_micro_batches
+            super().__init__(*args, **kwargs)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            step_size = step_sort_size(self.args) if self.sort_micro_batches else None
+            if step_size is None:
+                return super()._get_train_sampler(train_dataset)
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return StepSortedSampler(example_lengths(dataset), step_size, seed)
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            super().save_model(output_dir, _internal_call=_internal_call)
+            if _internal_call:  # a checkpoint's weights, written by the Trainer itself
+                fault_point("checkpoint_write", self.state.global_step)
+
+    StageTrainer.__name__ = StageTrainer.__qualname__ = f"Stage{base.__name__}"
+    return StageTrainer
 
 
 def pack_linears(trainer: Any, model: Any) -> bool:
@@ -179,27 +211,15 @@ def drop_incomplete_checkpoints(output_dir: Path) -> list[Path]:
     return dropped
 
 
-class _FaultPoints:
-    """``RLHF_FAULT`` points inside the Trainer's checkpointing (see `rlhf.signals.fault_point`):
-    ``checkpoint_write`` once the weights of checkpoint N are written and before its optimiser and state are,
-    ``after_checkpoint`` once it is complete."""
+def _after_checkpoint_fault() -> Any:
+    """A callback for the ``RLHF_FAULT`` point ``after_checkpoint``: once a checkpoint is complete."""
+    from transformers import TrainerCallback
 
-    def __init__(self, trainer: Any) -> None:
-        from transformers import TrainerCallback
+    class AfterCheckpoint(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            fault_point("after_checkpoint", state.global_step)
 
-        save_model = trainer.save_model
-
-        def save_model_then_fault(output_dir: str | None = None, _internal_call: bool = False) -> None:
-            save_model(output_dir, _internal_call=_internal_call)
-            if _internal_call:
-                fault_point("checkpoint_write", trainer.state.global_step)
-
-        class AfterSave(TrainerCallback):
-            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                fault_point("after_checkpoint", state.global_step)
-
-        trainer.save_model = save_model_then_fault
-        trainer.add_callback(AfterSave())
+    return AfterCheckpoint()
 
 
 def train_resumable(trainer: Any, *, stage: str, output_dir: Path, resume: bool, stop: Any) -> tuple[Any, float]:
@@ -207,7 +227,7 @@ def train_resumable(trainer: Any, *, stage: str, output_dir: Path, resume: bool,
     :class:`rlhf.signals.StageInterrupted` once the Trainer has saved its checkpoint. Returns the train output and
     the training time in seconds."""
     if os.environ.get(FAULT_ENV):
-        _FaultPoints(trainer)
+        trainer.add_callback(_after_checkpoint_fault())
     checkpoint = None
     if resume:
         drop_incomplete_checkpoints(output_dir)

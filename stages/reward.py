@@ -33,7 +33,7 @@ from rlhf.models import (
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import RewardText
-from rlhf.trl_bridge import pack_linears, sort_micro_batches, train_resumable, trainer_kwargs
+from rlhf.trl_bridge import pack_linears, train_resumable, trainer_class, trainer_kwargs
 
 Config = RewardConfig
 logger = logging.getLogger(__name__)
@@ -120,15 +120,15 @@ def run(cfg: RewardConfig) -> Path:
                     "encoder" if encoder else "decoder", cfg.peft.method, trainable, total)
 
         # 3. Train.
-        trainer = RewardTrainer(
+        trainer = trainer_class(RewardTrainer)(
             model=model,
             args=trl_args(cfg, stage.output_dir, state.num_processes, bool(eval_pairs)),
             train_dataset=to_hf_dataset(train_pairs),
             eval_dataset=to_hf_dataset(eval_pairs) if eval_pairs else None,
             processing_class=tokenizer,
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
+            sort_micro_batches=cfg.train.sort_micro_batches,
         )
-        sort_micro_batches(trainer, cfg.train)
         pack_linears(trainer, cfg.model)
         result, train_s = train_resumable(trainer, stage="reward", output_dir=stage.output_dir,
                                           resume=cfg.checkpoint.resume, stop=stop)

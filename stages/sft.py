@@ -21,7 +21,7 @@ from rlhf.models import apply_peft, check_model_source, count_parameters, load_c
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import TextContract
-from rlhf.trl_bridge import pack_linears, sort_micro_batches, train_resumable, trainer_kwargs
+from rlhf.trl_bridge import pack_linears, train_resumable, trainer_class, trainer_kwargs
 
 Config = SFTConfig
 logger = logging.getLogger(__name__)
@@ -83,15 +83,15 @@ def run(cfg: SFTConfig) -> Path:
         logger.info("sft: %s tuning, %d of %d parameters train", cfg.peft.method, trainable, total)
 
         # 3. Train with TRL, logging through our tracker, stopping cleanly on SIGTERM.
-        trainer = SFTTrainer(
+        trainer = trainer_class(SFTTrainer)(
             model=model,
             args=trl_args(cfg, stage.output_dir, state.num_processes, eval_set is not None),
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
             callbacks=[TrackerCallback(stage.tracker), trainer_stop_callback(stop)],
+            sort_micro_batches=cfg.train.sort_micro_batches,
         )
-        sort_micro_batches(trainer, cfg.train)
         pack_linears(trainer, cfg.model)
         result, train_s = train_resumable(trainer, stage="sft", output_dir=stage.output_dir,
                                           resume=cfg.checkpoint.resume, stop=stop)
