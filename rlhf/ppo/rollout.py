@@ -28,6 +28,8 @@ class GenerationSettings:
     top_p: float
     stop_token_ids: tuple[int, ...]
     pad_token_id: int
+    #: Decode into a KV cache reserved ahead (`reserved_cache`, a speed path): the same values, fewer copies.
+    reserved_cache: bool = True
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,21 +99,22 @@ class Rollout:
                 zip(self.prompt_ids.tolist(), self.prompt_mask.tolist())]
 
 
-def reserve_cache(cache: Any, capacity: int) -> int:
-    """Give each growing full-attention layer of a transformers KV cache (``DynamicLayer``) buffers for
-    ``capacity`` positions, so that a decoding step writes its keys and values in place instead of copying the
-    whole cache into a new tensor (``torch.cat`` per layer and step: quadratic in the response length). The layers
-    return views of the filled part: the same values a ``DynamicLayer`` returns. Other kinds of layers (sliding
-    window, static, quantised) are left alone. Returns how many layers now reserve."""
-    from transformers.cache_utils import DynamicLayer
+def reserved_cache(model: Any, capacity: int) -> Any | None:
+    """A KV cache for ``model`` whose layers keep their keys and values in buffers for ``capacity`` positions
+    (`reserved_layer_class`), so that a decoding step writes in place instead of copying the whole cache into a new
+    tensor (``torch.cat`` per layer and step: quadratic in the response length). None when the model's config asks
+    for any other kind of layer than growing full attention (sliding window, chunked, shared or linear attention):
+    the model then builds transformers' own cache, as it does without one."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-    reserved = 0
-    for layer in getattr(cache, "layers", ()):
-        if type(layer) is DynamicLayer and getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
-            layer.__class__ = _reserved_layer_class()
-            layer.reserve(capacity)
-            reserved += 1
-    return reserved
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    layers = DynamicCache(config=config).layers  # what the model builds for itself
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    layer_class = reserved_layer_class()
+    return Cache(layers=[layer_class(capacity) for _ in layers])
 
 
 def can_drop_rows(cache: Any) -> bool:
@@ -124,11 +127,20 @@ def can_drop_rows(cache: Any) -> bool:
 
 
 @functools.cache
-def _reserved_layer_class() -> type:
+def reserved_layer_class() -> type:
+    """A transformers ``DynamicLayer`` whose keys and values live in buffers reserved ahead (see `reserved_cache`).
+    Its first update (the prompt) is a ``DynamicLayer``'s; the buffers are filled from it, and from then on each
+    update writes its positions in place and the layer returns views of the filled part: the same values a
+    ``DynamicLayer`` returns. A full buffer doubles. Keys that are not [batch, heads, positions, dim] stay growing."""
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose keys and values live in buffers reserved ahead (see `reserve_cache`)."""
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.key_buffer: torch.Tensor | None = None
+            self.value_buffer: torch.Tensor | None = None
+            self.filled = 0
 
         def reserve(self, capacity: int) -> None:
             batch, heads, length, _ = self.keys.shape
@@ -142,6 +154,11 @@ def _reserved_layer_class() -> type:
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.key_buffer is None:
+                keys, values = super().update(key_states, value_states, *args, **kwargs)
+                if keys.dim() == 4:
+                    self.reserve(self.capacity)
+                return keys, values
             start, end = self.filled, self.filled + key_states.shape[-2]
             if end > self.key_buffer.shape[-2]:
                 self.reserve(2 * end)
@@ -152,11 +169,22 @@ def _reserved_layer_class() -> type:
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.key_buffer is None:
+                return super().batch_select_indices(indices)
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys = self.key_buffer[:, :, :self.filled]
             self.values = self.value_buffer[:, :, :self.filled]
 
     return ReservedLayer
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The name of the KV cache among a model's arguments and outputs: ``cache`` from transformers 5 (formerly
+    ``past_key_values``)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @torch.inference_mode()
@@ -179,11 +207,11 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], uniforms: torch.Tenso
     uniforms = uniforms.to(device)
     mask = prompt_mask
     positions = position_ids(mask)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    # transformers 5 names the KV cache `cache` (formerly `past_key_values`) in outputs and arguments.
+    cache = reserved_cache(model, prompt_ids.shape[1] + settings.max_new_tokens) if settings.reserved_cache else None
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **({} if cache is None else {cache_argument(): cache}))
     cache_key = "cache" if "cache" in out else "past_key_values"
     cache = out[cache_key]
-    reserve_cache(cache, prompt_ids.shape[1] + settings.max_new_tokens)
     droppable = can_drop_rows(cache)
     next_logits = out.logits[:, -1]
     # The running rows: their original row numbers, and which of them have produced a stop token.

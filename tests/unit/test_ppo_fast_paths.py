@@ -74,22 +74,47 @@ def test_loader_fuses_activations_unless_switched_off(tmp_path):
 
 
 def test_reserved_cache_layers_return_what_a_growing_cache_returns():
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import Cache, DynamicCache
 
-    from rlhf.ppo.rollout import reserve_cache
+    from rlhf.ppo.rollout import reserved_layer_class
 
     g = torch.Generator().manual_seed(0)
-    grown, reserved = DynamicCache(), DynamicCache()
+    grown, reserved = DynamicCache(), Cache(layers=[reserved_layer_class()(capacity=7)])
     first = [torch.randn(3, 2, 5, 4, generator=g) for _ in range(2)]
-    for cache in (grown, reserved):
-        cache.update(*first, layer_idx=0)
-    assert reserve_cache(reserved, capacity=7) == 1
+    for keys, values in zip(grown.update(*first, layer_idx=0), reserved.update(*first, layer_idx=0)):
+        assert torch.equal(keys, values)
+    layer = reserved.layers[0]
+    assert layer.key_buffer.shape[-2] == 7 and layer.filled == 5, "the prompt's update did not reserve"
     for step in range(6):  # past the capacity of 7: the buffers grow
         new = [torch.randn(3, 2, 1, 4, generator=g) for _ in range(2)]
         keys_a, values_a = grown.update(*new, layer_idx=0)
         keys_b, values_b = reserved.update(*new, layer_idx=0)
         assert torch.equal(keys_a, keys_b) and torch.equal(values_a, values_b)
         assert reserved.get_seq_length() == grown.get_seq_length() == 6 + step
+        # What the model reads back between updates is the layer's keys/values, as in a DynamicLayer.
+        assert torch.equal(layer.keys, grown.layers[0].keys) and torch.equal(layer.values, grown.layers[0].values)
+        assert layer.keys.data_ptr() == layer.key_buffer.data_ptr(), "the keys are no longer a view of the buffer"
+    rows = torch.tensor([2, 0])
+    grown.batch_select_indices(rows)
+    reserved.batch_select_indices(rows)
+    assert torch.equal(layer.keys, grown.layers[0].keys) and torch.equal(layer.values, grown.layers[0].values)
+
+
+def test_only_growing_full_attention_models_get_a_reserved_cache():
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf.ppo.rollout import can_drop_rows, reserved_cache, reserved_layer_class
+
+    cache = reserved_cache(_gpt2(), capacity=12)
+    assert [type(layer) for layer in cache.layers] == [reserved_layer_class()] * 2
+    assert can_drop_rows(cache)
+    small = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert len(reserved_cache(Qwen2ForCausalLM(Qwen2Config(**small)), capacity=12).layers) == 2
+    # Sliding-window layers (all of them, or some) keep transformers' own cache.
+    assert reserved_cache(MistralForCausalLM(MistralConfig(**small, sliding_window=4)), capacity=12) is None
+    mixed = Qwen2Config(**small, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert reserved_cache(Qwen2ForCausalLM(mixed), capacity=12) is None
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 8)])
@@ -102,13 +127,17 @@ def test_generation_with_a_reserved_cache_samples_the_same_tokens(monkeypatch, t
     settings = GenerationSettings(max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=1.0,
                                   stop_token_ids=(3,), pad_token_id=0)
     uniforms = sample_uniforms(0, "rollout", range(4), 16)
-    calls = []
-    real = rollout_module.reserve_cache
-    monkeypatch.setattr(rollout_module, "reserve_cache", lambda cache, n: calls.append(real(cache, n)))
+    caches = []
+    real = rollout_module.reserved_cache
+    monkeypatch.setattr(rollout_module, "reserved_cache", lambda model, n: caches.append(real(model, n)) or caches[-1])
     fast = generate(model, prompts, uniforms, settings, "cpu")
-    monkeypatch.setattr(rollout_module, "reserve_cache", lambda cache, n: None)
+    monkeypatch.setattr(rollout_module, "reserved_cache", lambda model, n: None)
     plain = generate(model, prompts, uniforms, settings, "cpu")
-    assert calls == [2]  # both layers reserved
+    assert len(caches) == 1
+    # Both layers reserved: the model wrote into the cache it was given, through the buffers.
+    assert [layer.key_buffer is not None for layer in caches[0].layers] == [True, True], (
+        f"the model did not fill the cache passed to it as `{rollout_module.cache_argument()}`")
+    assert caches[0].get_seq_length() == 4 + fast.response_ids.shape[1] - 1
     assert torch.equal(fast.response_ids, plain.response_ids)
     assert torch.equal(fast.response_mask, plain.response_mask)
     assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-6, rtol=0)
