@@ -26,6 +26,10 @@ C = TypeVar("C")
 _MISSING = dataclasses.MISSING
 
 
+#: This checkout's root: configs and data named relative to it are found from any working directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def option(
     default: Any = _MISSING,
     *,
@@ -768,6 +772,15 @@ class EvalConfig:
     samples: int = option(16, doc="Rows of the sample table logged per evaluation.", ge=0, semantic=False)
 
 
+class BatchLayout(typing.NamedTuple):
+    """How one process's share of a PPO update's rollouts splits: ``rollouts`` per process, ``minibatch`` rows per
+    optimiser step, in ``micro_batches`` forward/backward passes."""
+
+    rollouts: int
+    minibatch: int
+    micro_batches: int
+
+
 @dataclass
 class PPOConfig(StageConfig):
     """Policy optimisation with PPO against a learned reward model (our own implementation)."""
@@ -793,6 +806,13 @@ class PPOConfig(StageConfig):
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
     samples_every: int = option(10, doc="Log a table of (prompt, response, score) every N updates.", ge=1,
                                 semantic=False)
+    speed_paths: bool = option(
+        True,
+        doc="Take the speed paths (rlhf/ppo/speed.py: oneDNN packing, log-probs reused from generation, a reserved "
+            "KV cache, fused activations, length-grouped passes, a frozen heap), each the same computation up to "
+            "float rounding; false runs the plain path.",
+        semantic=False,
+    )
     upstream_configs: dict[str, str] = option(
         default_factory=lambda: {"sft": "configs/sft/demo.yaml", "reward": "configs/reward/demo.yaml"},
         doc="Configs that build this run's missing SFT / reward outputs first (one process only); {} disables.",
@@ -807,9 +827,9 @@ class PPOConfig(StageConfig):
     def reward_path(self) -> str:
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
 
-    def batch_layout(self, num_processes: int) -> tuple[int, int, int]:
-        """``(rollouts per process, minibatch per process, micro-batches per minibatch)``; raises ConfigError with
-        the keys to change when the global batch does not split evenly."""
+    def batch_layout(self, num_processes: int) -> "BatchLayout":
+        """Rollouts per process, minibatch per process and micro-batches per minibatch; raises ConfigError with the
+        keys to change when the global batch does not split evenly."""
         batch = self.rollout.batch_size
         if batch % num_processes:
             raise ConfigError(f"rollout.batch_size={batch} is not a multiple of the {num_processes} processes; change "
@@ -827,7 +847,7 @@ class PPOConfig(StageConfig):
                 f"each process's minibatch has {minibatch} rollouts, which ppo.micro_batch_size={micro} does not "
                 "divide; change ppo.micro_batch_size"
             )
-        return local, minibatch, minibatch // micro
+        return BatchLayout(local, minibatch, minibatch // micro)
 
     def validate(self) -> None:
         for key, peft in (("peft", self.peft), ("critic_peft", self.critic_peft)):

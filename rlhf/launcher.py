@@ -15,13 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rlhf.config import field_paths, parse_cli
+from rlhf.config import REPO_ROOT, field_paths, parse_cli
 from rlhf.errors import (EXIT_USER_ERROR, RLHFError, is_out_of_memory, is_storage_failure, out_of_memory_advice,
                          storage_error)
 from rlhf.signals import EXIT_INTERRUPTED, StageInterrupted, stop_with_launcher
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def default_config_path(stage: str, name: str = "demo") -> Path:
     """``configs/<stage>/<name>.yaml`` of this checkout."""

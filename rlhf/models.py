@@ -354,12 +354,17 @@ def length_groups(lengths: Sequence[int], max_rows: int, *, equal_count: bool = 
 
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
-                    batch_size: int = 64, equal_count: bool = False) -> torch.Tensor:
-    """Scores of token-id sequences, right-padded in groups of similar lengths (`length_groups`: less padding); the
-    head reads the last real token. [N] float32, in the order of ``sequences``."""
+                    batch_size: int = 64, equal_count: bool = False, by_length: bool = True) -> torch.Tensor:
+    """Scores of token-id sequences, right-padded in groups of similar lengths (`length_groups`: less padding; with
+    ``by_length=False`` in chunks of ``batch_size`` in order); the head reads the last real token. [N] float32, in
+    the order of ``sequences``."""
     model.eval()
     device = next(model.parameters()).device
-    groups = length_groups([len(s) for s in sequences], batch_size, equal_count=equal_count)
+    if by_length:
+        groups = length_groups([len(s) for s in sequences], batch_size, equal_count=equal_count)
+    else:
+        groups = [list(range(start, min(start + batch_size, len(sequences))))
+                  for start in range(0, len(sequences), batch_size)]
     order = [i for group in groups for i in group]
     scores = []
     for group in groups:

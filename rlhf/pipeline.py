@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rlhf.checkpoint import (compute_fingerprint, ensure_run_dir, fingerprint_path, latest_checkpoint, output_dir_of,
-                             read_manifest)
-from rlhf.config import load_config, parse_override, read_yaml, semantic_dict
-from rlhf.errors import ConfigError, RLHFError, StageFailed
+                             read_manifest, stage_output_dir)
+from rlhf.config import REPO_ROOT, load_config, parse_override, read_yaml, semantic_dict
+from rlhf.errors import CheckpointError, ConfigError, RLHFError, StageFailed
 from rlhf.signals import adopt_orphans
 
 logger = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def run_status(run_dir: str | Path) -> list[dict[str, Any]]:
     fingerprints of its inputs, upstream outputs first: so a stage whose upstream was rerun since, or whose data file
     changed, is stale. Stages without an output directory are missing.
     """
-    from rlhf.checkpoint import config_path, stage_output_dir
+    from rlhf.checkpoint import config_path
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -669,3 +669,76 @@ def pipeline_main(argv: Sequence[str] | None = None, *, default_config: str | Pa
     if not args.dry_run:
         sys.stdout.write(format_status(run_status(pipeline.run_dir)) + "\n")
     return 0
+
+
+def build_missing_upstream(cfg: Any) -> list[str]:
+    """Build the SFT and reward outputs that PPO config ``cfg`` needs when they are missing or incomplete, with the
+    configs of its ``upstream_configs`` (run_dir set to this run's), in this process. Several processes cannot
+    safely run them in one launch; then the error names the command to run first. Returns the stages built."""
+    from rlhf.runtime import distributed_state
+
+    needed = [name for name, path in (("sft", cfg.model.name_or_path), ("reward", cfg.reward_model.name_or_path))
+              if not path]
+    built = []
+    for name in needed:
+        manifest = read_manifest(stage_output_dir(cfg.run_dir, name))
+        if manifest is not None:
+            continue
+        config_file = cfg.upstream_configs.get(name)
+        command = f"accelerate launch launch/{name}.py run_dir={cfg.run_dir}"
+        if not config_file:
+            raise CheckpointError(f"{stage_output_dir(cfg.run_dir, name)} is not a complete {name} output; run "
+                                  f"`{command}` first")
+        if distributed_state().num_processes > 1:
+            raise CheckpointError(
+                f"{stage_output_dir(cfg.run_dir, name)} is missing; with several processes PPO does not build it in "
+                f"the same launch. Run `{command}` first (or launch PPO as one process)"
+            )
+        path = Path(config_file)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path
+        function, config_cls = resolve_target(STANDARD_STAGES[name][0])
+        upstream_cfg = load_config(config_cls, path, [f"run_dir={cfg.run_dir}"])
+        upstream_cfg.validate()
+        logger.info("ppo: %s output missing; building it first with %s", name, path)
+        function(upstream_cfg)
+        built.append(name)
+    return built
+
+
+def run_with_upstream(cfg: Any, run_ppo: Callable[[Any], Path]) -> Path:
+    """The main command (``launch/ppo.py``): the missing upstream stages, then ``run_ppo(cfg)`` (PPO with its
+    held-out evaluation), then a summary table and, for the run directory's own PPO output, the report."""
+    from rlhf.runtime import distributed_state
+
+    built = build_missing_upstream(cfg)
+    output_dir = run_ppo(cfg)
+    if distributed_state().is_main_process:
+        from rlhf.report import write_report
+
+        metrics = (read_manifest(output_dir) or {}).get("metrics", {})
+        print(summary_table(metrics, built))
+        # The report draws a run directory's stages; a PPO output written elsewhere (output_dir) is not one of them.
+        if output_dir.resolve() == stage_output_dir(cfg.run_dir, "ppo").resolve():
+            plot, page = write_report(cfg.run_dir)
+            print(f"report: {page} (curves: {plot})")
+        else:
+            logger.info("ppo: no report: the output %s is not the run directory's ppo/ (%s); `rlhf report RUN_DIR` "
+                        "draws a run directory's stages", output_dir, stage_output_dir(cfg.run_dir, "ppo"))
+    return output_dir
+
+
+def summary_table(metrics: dict[str, Any], built: list[str]) -> str:
+    """Held-out figures before (the SFT policy) and after PPO, one line each."""
+    lines = [f"built first: {', '.join(built)}"] if built else []
+    lines.append(f"{'held-out':<22}{'before':>10}{'after':>10}")
+    for key in ("score_mean", "kl", "eos_rate", "response_len", "gold_combined", "gold_positive",
+                "gold_grammatical", "gold_repetition", "gold_concise"):
+        before, after = metrics.get(f"initial/{key}"), metrics.get(f"final/{key}")
+        if before is None and after is None:
+            continue
+        fmt = lambda v: f"{v:10.3f}" if isinstance(v, (int, float)) else f"{'-':>10}"  # noqa: E731
+        lines.append(f"{key:<22}{fmt(before)}{fmt(after)}")
+    lines.append(f"time: rollout {metrics.get('time/rollout_s', 0):.1f} s, train {metrics.get('time/train_s', 0):.1f} s, "
+                 f"{metrics.get('perf/tokens_per_s', 0):.0f} tokens/s")
+    return "\n".join(lines)

@@ -55,7 +55,7 @@ class RewardScorer:
     """A frozen reward model and the way it reads the policy's samples."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, policy_contract: TextContract, is_encoder: bool,
-                 batch_size: int = 64, equal_count: bool = False):
+                 batch_size: int = 64, equal_count: bool = False, by_length: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.policy_contract = policy_contract
@@ -64,6 +64,7 @@ class RewardScorer:
         self.batch_size = batch_size
         # The same number of passes on every process (DeepSpeed ZeRO-3), else groups of similar lengths.
         self.equal_count = equal_count
+        self.by_length = by_length  # False: passes over plain chunks in order (the PPO stage's plain path)
         check_vocabulary_fits(model, policy_contract.tokenizer if self.shares_tokens else tokenizer,
                               shares_tokens=self.shares_tokens)
 
@@ -84,4 +85,4 @@ class RewardScorer:
         """Scores of the pairs, float32 on CPU. [B]."""
         seqs = self.sequences(prompts, prompt_ids, response_ids)
         return score_sequences(self.model, seqs, pad_token_id=self.tokenizer.pad_token_id,
-                               batch_size=self.batch_size, equal_count=self.equal_count)
+                               batch_size=self.batch_size, equal_count=self.equal_count, by_length=self.by_length)

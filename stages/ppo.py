@@ -5,9 +5,11 @@ disabled), the frozen reward model, and the critic (from the reward model when i
 tokens, else from the policy with a zero-initialised head). Policy and critic train together as one module with one
 optimiser, so DDP and DeepSpeed see a single model.
 
-Each update: (1) take the next prompts, (2) sample responses, (3) score them (log-probs, reference log-probs,
-values, reward-model scores), (4) shape rewards with the KL penalty and estimate advantages, (5) run PPO epochs over
-minibatches, (6) log, evaluate and checkpoint. See rlhf/ppo/ for the math.
+`run` reads the inputs, builds the models, then each update (`ppo_update`): take the next prompts and sample
+responses (`generate_rollout`), score them: log-probs, reference log-probs, values, reward-model scores
+(`score_rollout`), shape rewards with the KL penalty and estimate advantages (`rewards_and_advantages`), run PPO
+epochs over minibatches (`optimise`); then log, evaluate and checkpoint. The math is in rlhf/ppo/; the speed paths
+sit behind `rlhf.ppo.speed.SpeedPaths` (``speed_paths=false``: the plain path). docs/architecture.md has the map.
 
     accelerate launch launch/ppo.py [--config configs/ppo/demo.yaml] [key.sub=value ...]
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import math
 import time
@@ -32,22 +33,19 @@ from rlhf.checkpoint import (
     latest_checkpoint,
     output_dir_of,
     read_json,
-    read_manifest,
     require_complete,
-    stage_output_dir,
     truncate_logs_to,
     write_json_atomic,
 )
-from rlhf.config import PPOConfig
+from rlhf.config import BatchLayout, PPOConfig
 from rlhf.data import prepare_dataset
-from rlhf.errors import CheckpointError, ConfigError, TrainingDiverged
+from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.models import (
     apply_peft,
     check_model_source,
     count_parameters,
     is_encoder,
-    length_groups,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
@@ -58,8 +56,9 @@ from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from rlhf.ppo.losses import entropy_bonus, explained_variance_from_moments, policy_loss, value_loss
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
 from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
+from rlhf.ppo import speed
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
-from rlhf.onednn import packed_linears
+from rlhf.ppo.speed import SpeedPaths
 from rlhf.runtime import StageRun, distributed_state, fused_adamw, is_deepspeed, onednn_linears
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
@@ -303,21 +302,85 @@ UpdateHook = Callable[[int, PPOModels], None]
 
 
 def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
+    """The PPO stage: read the inputs, build the models, then per update generate → score → advantages →
+    optimise → log, evaluate, checkpoint; last, the held-out evaluation and the outputs."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     state = distributed_state()
-    local_batch, minibatch, micro_per_minibatch = cfg.batch_layout(state.num_processes)
+    layout = cfg.batch_layout(state.num_processes)
+    inputs = read_inputs(cfg, state)
+    accelerator = Accelerator(gradient_accumulation_steps=layout.micro_batches)
+    if is_deepspeed(accelerator):
+        deepspeed_settings(accelerator, cfg, layout.minibatch // layout.micro_batches)
 
-    # 1. Inputs, checked before any weights load.
+    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process,
+                  x_axis=EPISODE_METRIC) as stage, StopRequest() as stop:
+        models = build_models(cfg, accelerator, inputs, layout)
+        loop = LoopState(kl_controller(cfg), inputs.score_stats)
+        start_update = 0
+        if inputs.resume_from is not None:
+            start_update, loop.score_stats = restore(accelerator, models.training.model, inputs.resume_from,
+                                                     models.training.unwrapped, models.training.optimizer,
+                                                     models.training.scheduler, loop.kl_ctl)
+            logger.info("ppo: resumed from %s (update %d)", inputs.resume_from, start_update)
+        evaluator = Evaluator(cfg, models, inputs, stage.tracker)
+        eval_before = evaluator.before_training(start_update, stage.output_dir)
+        if on_update is not None:
+            on_update(start_update, models.view())
+
+        prompts = PromptStream(cfg.seed, len(inputs.train_prompts.prompts))
+        progress = tqdm(range(start_update, cfg.ppo.num_updates), initial=start_update, total=cfg.ppo.num_updates,
+                        desc="ppo", disable=not state.is_main_process)
+        for update in progress:
+            result = ppo_update(cfg, models, inputs, prompts, loop, update)
+            step = update + 1
+            loop.record(cfg, result, step)
+            if on_update is not None:
+                on_update(step, models.view())
+            stage.tracker.log({**result.metrics, EPISODE_METRIC: step * cfg.rollout.batch_size}, step=step)
+            progress.set_postfix(score=f"{result.metrics['rollout/score_mean']:.3f}",
+                                 kl=f"{result.metrics['rollout/kl']:.3f}")
+            if step % cfg.samples_every == 0 or step == cfg.ppo.num_updates:
+                log_samples(stage.tracker, inputs.contract, inputs.train_prompts, result.prompt_rows, result.rollout,
+                            result.raw_scores, step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.ppo.num_updates:
+                evaluator.run(step)
+            checkpoint_or_stop(cfg, models, loop, stage.output_dir, step, stop, bad=result.bad)
+        progress.close()
+        return finish(cfg, models, inputs, loop, stage, eval_before, evaluator.after_training())
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the stage reads before any weights load: the model configs (the upstream outputs filled in), the
+    tokenizers and the policy's text contract, the prompts, the score normalisation, the checkpoint to resume from
+    and the sampling settings."""
+
+    policy_cfg: Any
+    reward_cfg: Any
+    tokenizer: Any
+    contract: TextContract
+    reward_tokenizer: Any
+    reward_is_encoder: bool
+    train_prompts: EvalPrompts
+    eval_prompts: EvalPrompts
+    data_stats: dict[str, Any]
+    score_stats: dict[str, float] | None
+    resume_from: Path | None
+    settings: GenerationSettings
+
+
+def read_inputs(cfg: PPOConfig, state: Any) -> Inputs:
+    """The stage's inputs, each checked (with the command that builds a missing upstream output) before any weights
+    load. A resumed run's logs are cut back to its checkpoint first."""
     if not cfg.model.name_or_path:
         require_complete(cfg.policy_path, stage="sft", how_to_build=f"accelerate launch launch/sft.py run_dir={cfg.run_dir}")
     if not cfg.reward_model.name_or_path:
         require_complete(cfg.reward_path, stage="reward",
                          how_to_build=f"accelerate launch launch/reward.py run_dir={cfg.run_dir}")
-    policy_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.policy_path)
-    reward_cfg = dataclasses.replace(cfg.reward_model, name_or_path=cfg.reward_path)
+    policy_cfg = speed.model_config(cfg, dataclasses.replace(cfg.model, name_or_path=cfg.policy_path))
+    reward_cfg = speed.model_config(cfg, dataclasses.replace(cfg.reward_model, name_or_path=cfg.reward_path))
     check_model_source(policy_cfg, key="model.name_or_path")
     check_model_source(reward_cfg, key="reward_model.name_or_path")
     tokenizer = load_tokenizer(policy_cfg)
@@ -337,256 +400,316 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
         top_p=cfg.rollout.top_p, pad_token_id=tokenizer.pad_token_id,
         stop_token_ids=contract.stop_token_ids if cfg.rollout.stop_at_stop_token else (),
     )
-    temperature = cfg.rollout.temperature or 1.0
+    return Inputs(policy_cfg, reward_cfg, tokenizer, contract, reward_tokenizer, reward_is_encoder, train_prompts,
+                  eval_prompts, data_stats, score_stats, resume_from, settings)
 
-    accelerator = Accelerator(gradient_accumulation_steps=micro_per_minibatch)
-    if is_deepspeed(accelerator):
-        deepspeed_settings(accelerator, cfg, minibatch // micro_per_minibatch)
-    device = accelerator.device
 
-    with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process,
-                  x_axis=EPISODE_METRIC) as stage, StopRequest() as stop:
-        # 2. Models: policy (+ reference), reward model, critic.
-        policy = load_causal_lm(policy_cfg)
-        # Loaded, not deep-copied: under ZeRO-3 the policy's parameters are already partitioned at load time.
-        reference = None if is_lora(cfg) else frozen(load_causal_lm(policy_cfg))
-        reward_model = frozen(load_sequence_scorer(reward_cfg, pad_token_id=reward_tokenizer.pad_token_id))
-        # Under ZeRO-3 every forward gathers weights from all processes: the same number of passes on each.
-        zero3 = zero_stage(accelerator) == 3
-        scorer = RewardScorer(reward_model, reward_tokenizer, policy_contract=contract,
-                              is_encoder=reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
-                              equal_count=zero3)
-        critic, critic_source = build_critic(cfg, tokenizer, reward_tokenizer, reward_is_encoder, scorer)
-        policy = apply_peft(policy, cfg.peft, task="causal_lm")
-        critic = apply_peft(critic, cfg.critic_peft, task="score")
-        # After the adapters are added: a LoRA layer's own dropout (peft.lora_dropout) goes too.
-        for model in (policy, critic):
-            disable_dropout(model)
-        if cfg.model.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
-        model = PolicyAndCritic(policy, critic)
-        trainable, total = count_parameters(model)
-        total_steps = cfg.ppo.num_updates * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
-        # DeepSpeed steps the optimiser on its own flattened partitions (on the CPU with offload): torch's default.
-        optimizer, scheduler = optimiser_and_schedule(cfg, model, total_steps,
-                                                      fused=fused_adamw(accelerator, device.type))
-        model, optimizer = accelerator.prepare(model, optimizer)
-        reference = prepare_frozen(accelerator, reference) if reference is not None else None
-        scorer.model = prepare_frozen(accelerator, reward_model)
-        unwrapped = accelerator.unwrap_model(model)
-        critic_head = score_module(unwrapped.critic)
-        # Generation computes in the parameters' dtype; its log-probs serve as the old ones only when the training
-        # forward computes in float32 too (not in bf16/fp16, nor under mixed precision's autocast).
-        reuse_logprobs = (cfg.rollout.generation_logprobs
-                          and compute_dtype(accelerator, unwrapped.policy) == torch.float32)
-        # oneDNN's packed linears (CPU, float32): packed per rollout (weights fixed) and per training micro-batch.
-        pack_trained = onednn_linears(accelerator, cfg.model)
-        pack_reward = onednn_linears(accelerator, cfg.reward_model)
-        training = Training(accelerator, model, unwrapped, optimizer, scheduler, pack_linears=pack_trained,
-                            micro_batch_size=minibatch // micro_per_minibatch, micro_batches=micro_per_minibatch,
-                            pad_token_id=tokenizer.pad_token_id)
+@dataclasses.dataclass
+class Models:
+    """The prepared models, as the optimise phase (`Training`) and the scoring phases (`Scoring`) use them; where
+    the critic started ("reward" or "policy"); how many parameters train."""
 
-        def packed_for_inference() -> contextlib.ExitStack:
-            block = contextlib.ExitStack()
-            block.enter_context(packed_linears(unwrapped, reference, enabled=pack_trained))
-            block.enter_context(packed_linears(scorer.model, enabled=pack_reward))
-            return block
-        # The models, tokenizers and prompts live for the whole run: keep the cyclic collector off them.
-        gc.collect()
-        gc.freeze()
-        logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
-                    "parameters train; critic from the %s model; reference: %s", state.num_processes, local_batch,
-                    minibatch, micro_per_minibatch, trainable, total, critic_source,
-                    "policy with adapters disabled" if reference is None else "frozen copy")
+    training: Training
+    scoring: Scoring
+    critic_source: str
+    trainable: int
 
-        scoring = Scoring(accelerator, unwrapped, reference, scorer, critic_head, reuse_logprobs=reuse_logprobs,
-                          temperature=temperature, micro_batch_size=cfg.rollout.micro_batch_size,
-                          equal_count=zero3)
+    def view(self) -> PPOModels:
+        return PPOModels(self.training.unwrapped, self.scoring.reference, self.scoring.scorer.model)
 
-        kl_ctl: FixedKLController | AdaptiveKLController = (
-            FixedKLController(cfg.ppo.kl_coef) if cfg.ppo.kl_target is None
-            else AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon))
-        prompts = PromptStream(cfg.seed, len(train_prompts.prompts))
-        start_update = 0
-        if resume_from is not None:
-            start_update, score_stats = restore(accelerator, model, resume_from, unwrapped, optimizer, scheduler,
-                                                kl_ctl)
-            logger.info("ppo: resumed from %s (update %d)", resume_from, start_update)
 
-        def run_eval(update: int) -> dict[str, float]:
-            indices = list(range(state.process_index, len(eval_prompts.prompts), state.num_processes))
-            unwrapped.eval()
-            with gathered_for_generation(accelerator, unwrapped.policy), packed_for_inference():
-                records = evaluate_policy(unwrapped.policy, scoring.reference_logprobs, scorer, eval_prompts, indices,
-                                          settings, seed=cfg.seed, device=device,
-                                          batch_size=cfg.rollout.micro_batch_size, gold_judge=use_gold,
-                                          progress=f"held-out eval (update {update})" if state.is_main_process
-                                          else None)
-            records = sorted(gather_object(records), key=lambda rec: rec["index"])
-            metrics = summarise_records(records)
-            stage.tracker.log({**metrics, EPISODE_METRIC: update * cfg.rollout.batch_size}, step=update)
-            if cfg.eval.samples:
-                columns = ["prompt", "response", "score", "kl"] + (["gold_combined"] if use_gold else [])
-                stage.tracker.log_table("eval_samples", columns,
-                                        [[str(r[c]) if c == "prompt" else r[c] for c in columns]
-                                         for r in records[: cfg.eval.samples]], step=update)
-            return metrics
+def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: BatchLayout) -> Models:
+    """Policy (+ adapters), reference (a frozen copy, or none with LoRA), reward model and critic; policy and critic
+    as one module under accelerate with one optimiser and its schedule; the speed paths the run takes."""
+    # Loaded, not deep-copied: under ZeRO-3 the policy's parameters are already partitioned at load time.
+    policy = load_causal_lm(inputs.policy_cfg)
+    reference = None if is_lora(cfg) else frozen(load_causal_lm(inputs.policy_cfg))
+    reward_model = frozen(load_sequence_scorer(inputs.reward_cfg, pad_token_id=inputs.reward_tokenizer.pad_token_id))
+    # Under ZeRO-3 every forward gathers weights from all processes: the same number of passes on each.
+    zero3 = zero_stage(accelerator) == 3
+    scorer = RewardScorer(reward_model, inputs.reward_tokenizer, policy_contract=inputs.contract,
+                          is_encoder=inputs.reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
+                          equal_count=zero3, by_length=cfg.speed_paths)
+    critic, critic_source = build_critic(cfg, inputs.tokenizer, inputs.reward_tokenizer, inputs.reward_is_encoder,
+                                         scorer)
+    policy = apply_peft(policy, cfg.peft, task="causal_lm")
+    critic = apply_peft(critic, cfg.critic_peft, task="score")
+    # After the adapters are added: a LoRA layer's own dropout (peft.lora_dropout) goes too.
+    for model in (policy, critic):
+        disable_dropout(model)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    model = PolicyAndCritic(policy, critic)
+    trainable, total = count_parameters(model)
+    total_steps = cfg.ppo.num_updates * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
+    # DeepSpeed steps the optimiser on its own flattened partitions (on the CPU with offload): torch's default.
+    optimizer, scheduler = optimiser_and_schedule(cfg, model, total_steps,
+                                                  fused=fused_adamw(accelerator, accelerator.device.type))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reference = prepare_frozen(accelerator, reference) if reference is not None else None
+    scorer.model = prepare_frozen(accelerator, reward_model)
+    unwrapped = accelerator.unwrap_model(model)
+    paths = SpeedPaths.chosen(cfg, pack_trained=onednn_linears(accelerator, cfg.model),
+                              pack_reward=onednn_linears(accelerator, cfg.reward_model),
+                              training_dtype=compute_dtype(accelerator, unwrapped.policy))
+    training = Training(accelerator, model, unwrapped, optimizer, scheduler, paths,
+                        micro_batch_size=layout.minibatch // layout.micro_batches, micro_batches=layout.micro_batches,
+                        pad_token_id=inputs.tokenizer.pad_token_id)
+    scoring = Scoring(accelerator, unwrapped, reference, scorer, score_module(unwrapped.critic), paths,
+                      paths.generation(inputs.settings), temperature=cfg.rollout.temperature or 1.0,
+                      micro_batch_size=cfg.rollout.micro_batch_size, equal_count=zero3)
+    # The models, tokenizers and prompts live for the whole run.
+    paths.settle_heap()
+    logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
+                "parameters train; critic from the %s model; reference: %s; speed paths: %s",
+                accelerator.num_processes, layout.rollouts, layout.minibatch, layout.micro_batches, trainable, total,
+                critic_source, "policy with adapters disabled" if reference is None else "frozen copy",
+                paths.describe())
+    return Models(training, scoring, critic_source, trainable)
 
-        use_gold = cfg.eval.gold_judge and all(isinstance(p, str) for p in eval_prompts.prompts)
-        eval_before: dict[str, float] = {}
-        if eval_prompts.prompts and start_update == 0:
-            eval_before = run_eval(0)
-        elif eval_prompts.prompts:
-            eval_before = {k: v for row in read_metrics(stage.output_dir) if row.get("step") == 0
-                           for k, v in row.items() if k.startswith("eval/")}
-            logger.info("ppo: before training %s", format_metrics(eval_before))
 
-        if on_update is not None:
-            on_update(start_update, PPOModels(unwrapped, reference, scorer.model))
-        progress = tqdm(range(start_update, cfg.ppo.num_updates), initial=start_update, total=cfg.ppo.num_updates,
-                        desc="ppo", disable=not state.is_main_process)
-        history: dict[str, float] = {}
-        times = {"rollout_s": 0.0, "train_s": 0.0, "tokens": 0.0}
-        skipped = bad_streak = 0
-        for update in progress:
-            # 3. Rollout: this process's share of the update's global sample indices, one random stream each.
-            t0 = time.perf_counter()
-            phase = {"generate_s": 0.0, "policy_value_s": 0.0, "reference_s": 0.0, "reward_s": 0.0}
-            first = update * cfg.rollout.batch_size + state.process_index * local_batch
-            indices = list(range(first, first + local_batch))
-            prompt_rows = [prompts[g] for g in indices]
-            unwrapped.eval()
-            with torch.inference_mode(), packed_for_inference():
-                rollout = generate_rollout(cfg, scoring, settings, [train_prompts.prompt_ids[i] for i in prompt_rows],
-                                           indices)
-                phase["generate_s"] = time.perf_counter() - t0
-                mask = rollout.response_mask
-                scored = score_rollout(scoring, rollout, [train_prompts.prompts[i] for i in prompt_rows], phase)
-                old_logprobs, old_values, ref_logprobs, raw_scores = (
-                    scored.old_logprobs, scored.old_values, scored.ref_logprobs, scored.raw_scores)
-                if fault_injected("nan_scores", update + 1):
-                    raw_scores[0] = float("nan")
+def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    if cfg.ppo.kl_target is None:
+        return FixedKLController(cfg.ppo.kl_coef)
+    return AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
 
-                # 4. Scores, KL-shaped rewards, advantages (statistics over all processes).
-                if cfg.rollout.score_norm == "first_rollout" and score_stats is None:
-                    mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
-                    score_stats = {"mean": mean.item(), "std": math.sqrt(var.item())}
-                shaped = rewards_and_advantages(cfg, accelerator, rollout, scored, score_stats, kl_ctl.value,
-                                                critic_source)
-                old_values, rewards, advantages, returns = (
-                    shaped.old_values, shaped.rewards, shaped.advantages, shaped.returns)
-                # A non-finite number anywhere here would reach the weights: skip the update (all processes).
-                bad = first_non_finite(accelerator, {
-                    "reward-model scores": raw_scores, "old log-probs": old_logprobs[mask],
-                    "reference log-probs": ref_logprobs[mask], "values": old_values[mask],
-                    "rewards": rewards[mask], "advantages": advantages[mask]})
-            # Tensors made under inference_mode cannot be saved for backward; clones outside it can.
-            batch = Batch(*(clone_tree(x) for x in (rollout, old_logprobs, ref_logprobs, old_values, advantages,
-                                                     returns)))
-            rollout_s = time.perf_counter() - t0
 
-            # 5. PPO epochs over minibatches of the global batch; micro-batches accumulate gradients.
-            t1 = time.perf_counter()
-            trained = optimise(cfg, training, batch, update, skip=bad, critic_source=critic_source,
-                               score_stats=score_stats)
-            bad = trained.bad
-            train_s = time.perf_counter() - t1
+@dataclasses.dataclass
+class UpdateResult:
+    """One update: its metrics (in the order they are logged), what was not finite when it was skipped, and what
+    the samples table shows (the prompts' rows, the rollout, the raw scores)."""
 
-            # 6. Metrics over all processes, KL control, samples, evaluation, checkpoint.
-            losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
-            drawn = rollout_means(accelerator, rollout, scored, shaped, cfg.rollout.batch_size)
-            generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
-            metrics = {
-                **{k: drawn[k] for k in ROLLOUT_METRICS},
-                **{k: losses[k] for k in LOSS_METRICS},
-                "ppo/explained_var": explained_variance_all(accelerator, old_values, returns, mask),
-                "ppo/kl_coef": kl_ctl.value, "ppo/logprob_gap": losses["ppo/logprob_gap"],
-                "ppo/lr": scheduler.get_last_lr()[0],
-                "time/rollout_s": rollout_s, "time/train_s": train_s,
-                **{f"time/{name}": seconds for name, seconds in phase.items()},
-                # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
-                "perf/sampled_tokens": drawn["sampled_tokens"] * cfg.rollout.batch_size,
-                "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
-                "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
-            }
-            step = update + 1
-            skipped += bad is not None
-            metrics["ppo/skipped_updates"] = skipped
-            if bad is None:
-                kl_ctl.update(metrics["rollout/kl"], cfg.rollout.batch_size)
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                logger.warning("ppo: update %d skipped: non-finite %s (%d in a row; %d stop the run)", step, bad,
-                               bad_streak, cfg.ppo.max_bad_updates)
-            if on_update is not None:
-                on_update(step, PPOModels(unwrapped, reference, scorer.model))
-            stage.tracker.log({**metrics, EPISODE_METRIC: step * cfg.rollout.batch_size}, step=step)
-            history = metrics
-            times["rollout_s"] += rollout_s
-            times["train_s"] += train_s
-            times["tokens"] += generated
-            progress.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl']:.3f}")
-            if step % cfg.samples_every == 0 or step == cfg.ppo.num_updates:
-                log_samples(stage.tracker, contract, train_prompts, prompt_rows, batch.rollout, raw_scores, step)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.ppo.num_updates and eval_prompts.prompts:
-                run_eval(step)
-            if bad_streak >= cfg.ppo.max_bad_updates:
-                save_checkpoint(accelerator, model, stage.output_dir, step, unwrapped, optimizer, scheduler, kl_ctl,
-                                score_stats, keep_last=cfg.checkpoint.keep_last)
-                where = checkpoint_dir(stage.output_dir, step)
-                raise TrainingDiverged(
-                    f"ppo: {bad_streak} updates in a row (the last: update {step}) had non-finite {bad}; they were "
-                    f"skipped, and a checkpoint of the last good weights is in {where}. Check the reward model's "
-                    "scores (rollout.score_clip bounds them), lower optim.learning_rate, then rerun with "
-                    "checkpoint.resume=true")
-            stopping = stop.agreed(device)
-            if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or \
-                    (stopping and step < cfg.ppo.num_updates):
-                save_checkpoint(accelerator, model, stage.output_dir, step, unwrapped, optimizer, scheduler, kl_ctl,
-                                score_stats, keep_last=cfg.checkpoint.keep_last)
-            if stopping and step < cfg.ppo.num_updates:
-                raise StageInterrupted(f"ppo stopped by a signal after update {step}; a checkpoint was saved. Rerun "
-                                       "with checkpoint.resume=true to continue")
-        progress.close()
+    metrics: dict[str, float]
+    bad: str | None
+    prompt_rows: list[int]
+    rollout: Rollout
+    raw_scores: torch.Tensor
+    generated_tokens: float
 
-        # 7. Held-out evaluation of the final policy, then the outputs and the manifest.
-        eval_after = run_eval(cfg.ppo.num_updates) if eval_prompts.prompts else {}
-        summary: dict[str, Any] = {f"final/{k.split('/', 1)[1]}": v for k, v in eval_after.items()}
-        summary.update({f"initial/{k.split('/', 1)[1]}": v for k, v in eval_before.items()})
-        summary.update({k: v for k, v in history.items() if k.startswith(("rollout/", "ppo/"))})
-        summary.update({"time/rollout_s": times["rollout_s"], "time/train_s": times["train_s"],
-                        "perf/tokens_per_s": times["tokens"] / max(times["rollout_s"] + times["train_s"], 1e-9),
-                        "trainable_parameters": trainable, "updates": cfg.ppo.num_updates})
-        saved = save_outputs(accelerator, model, unwrapped, cfg, tokenizer, stage.output_dir)
-        if state.is_main_process:
-            if score_stats is not None:
-                write_json_atomic(stage.output_dir / REWARD_STATS_FILE, score_stats)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            logger.info("ppo: %s", format_metrics(summary))
-        return stage.complete(summary, extra={"num_processes": state.num_processes,
-                                              "zero_stage": zero_stage(accelerator), "critic_init": critic_source,
-                                              "reference": "adapters disabled" if reference is None else "copy",
-                                              "policy_saved_as": saved, "score_norm": score_stats,
-                                              "kl_coef_final": kl_ctl.value, "data": data_stats})
+
+@dataclasses.dataclass
+class LoopState:
+    """What carries from one update to the next: the KL controller, the score normalisation, the skipped updates
+    (in all, and in a row), the last update's metrics, and the time and tokens of the run so far."""
+
+    kl_ctl: FixedKLController | AdaptiveKLController
+    score_stats: dict[str, float] | None
+    skipped: int = 0
+    bad_streak: int = 0
+    history: dict[str, float] = dataclasses.field(default_factory=dict)
+    rollout_s: float = 0.0
+    train_s: float = 0.0
+    tokens: float = 0.0
+
+    def record(self, cfg: PPOConfig, result: UpdateResult, step: int) -> None:
+        """Count the update (a skipped one too), and adapt the KL coefficient to a finished one."""
+        self.skipped += result.bad is not None
+        result.metrics["ppo/skipped_updates"] = self.skipped
+        if result.bad is None:
+            self.kl_ctl.update(result.metrics["rollout/kl"], cfg.rollout.batch_size)
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+            logger.warning("ppo: update %d skipped: non-finite %s (%d in a row; %d stop the run)", step, result.bad,
+                           self.bad_streak, cfg.ppo.max_bad_updates)
+        self.history = result.metrics
+        self.rollout_s += result.metrics["time/rollout_s"]
+        self.train_s += result.metrics["time/train_s"]
+        self.tokens += result.generated_tokens
+
+
+def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptStream, loop: LoopState,
+               update: int) -> UpdateResult:
+    """One update: this process's share of the update's global sample indices (one random stream each) is
+    generated and scored, rewards shaped and advantages estimated (statistics over all processes), then the PPO
+    epochs optimise; the metrics are reduced over all processes."""
+    scoring, accelerator = models.scoring, models.training.accelerator
+    local_batch = cfg.rollout.batch_size // accelerator.num_processes
+    t0 = time.perf_counter()
+    phase = {"generate_s": 0.0, "policy_value_s": 0.0, "reference_s": 0.0, "reward_s": 0.0}
+    first = update * cfg.rollout.batch_size + accelerator.process_index * local_batch
+    indices = list(range(first, first + local_batch))
+    prompt_rows = [prompts[g] for g in indices]
+    scoring.unwrapped.eval()
+    with torch.inference_mode(), scoring.inference():
+        rollout = generate_rollout(cfg, scoring, [inputs.train_prompts.prompt_ids[i] for i in prompt_rows], indices)
+        phase["generate_s"] = time.perf_counter() - t0
+        scored = score_rollout(scoring, rollout, [inputs.train_prompts.prompts[i] for i in prompt_rows], phase)
+        if fault_injected("nan_scores", update + 1):
+            scored.raw_scores[0] = float("nan")
+        if cfg.rollout.score_norm == "first_rollout" and loop.score_stats is None:
+            loop.score_stats = first_rollout_stats(accelerator, scored.raw_scores)
+        shaped = rewards_and_advantages(cfg, accelerator, rollout, scored, loop.score_stats, loop.kl_ctl.value,
+                                        models.critic_source)
+        bad = non_finite_input(accelerator, rollout, scored, shaped)
+    # Tensors made under inference_mode cannot be saved for backward; clones outside it can.
+    batch = Batch(*(clone_tree(x) for x in (rollout, scored.old_logprobs, scored.ref_logprobs, shaped.old_values,
+                                             shaped.advantages, shaped.returns)))
+    rollout_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    trained = optimise(cfg, models.training, batch, update, skip=bad, critic_source=models.critic_source,
+                       score_stats=loop.score_stats)
+    train_s = time.perf_counter() - t1
+
+    losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
+    drawn = rollout_means(accelerator, rollout, scored, shaped, cfg.rollout.batch_size)
+    generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
+    metrics = {
+        **{k: drawn[k] for k in ROLLOUT_METRICS},
+        **{k: losses[k] for k in LOSS_METRICS},
+        "ppo/explained_var": explained_variance_all(accelerator, shaped.old_values, shaped.returns,
+                                                    rollout.response_mask),
+        "ppo/kl_coef": loop.kl_ctl.value, "ppo/logprob_gap": losses["ppo/logprob_gap"],
+        "ppo/lr": models.training.scheduler.get_last_lr()[0],
+        "time/rollout_s": rollout_s, "time/train_s": train_s,
+        **{f"time/{name}": seconds for name, seconds in phase.items()},
+        # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
+        "perf/sampled_tokens": drawn["sampled_tokens"] * cfg.rollout.batch_size,
+        "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
+        "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
+    }
+    return UpdateResult(metrics, trained.bad, prompt_rows, batch.rollout, scored.raw_scores, generated)
+
+
+def first_rollout_stats(accelerator: Any, raw_scores: torch.Tensor) -> dict[str, float]:
+    """``rollout.score_norm=first_rollout``: the mean and standard deviation of the first rollout's scores over all
+    processes, fixed from then on."""
+    mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
+    return {"mean": mean.item(), "std": math.sqrt(var.item())}
+
+
+def non_finite_input(accelerator: Any, rollout: Rollout, scored: ScoredRollout, shaped: ShapedRollout) -> str | None:
+    """What the optimise phase would take that holds a NaN or an infinity on any process (it would reach the
+    weights: the update is skipped on all processes), or None."""
+    mask = rollout.response_mask
+    return first_non_finite(accelerator, {
+        "reward-model scores": scored.raw_scores, "old log-probs": scored.old_logprobs[mask],
+        "reference log-probs": scored.ref_logprobs[mask], "values": shaped.old_values[mask],
+        "rewards": shaped.rewards[mask], "advantages": shaped.advantages[mask]})
+
+
+def checkpoint_or_stop(cfg: PPOConfig, models: Models, loop: LoopState, output_dir: Path, step: int, stop: Any, *,
+                       bad: str | None) -> None:
+    """After update ``step``: stop with `TrainingDiverged` after ``ppo.max_bad_updates`` skipped updates in a row,
+    save a checkpoint every ``checkpoint.save_every`` updates, and on a stop request agreed by all processes save
+    one and raise `StageInterrupted`. Every exit leaves a checkpoint to resume from."""
+    t = models.training
+
+    def save() -> None:
+        save_checkpoint(t.accelerator, t.model, output_dir, step, t.unwrapped, t.optimizer, t.scheduler, loop.kl_ctl,
+                        loop.score_stats, keep_last=cfg.checkpoint.keep_last)
+
+    if loop.bad_streak >= cfg.ppo.max_bad_updates:
+        save()
+        raise TrainingDiverged(
+            f"ppo: {loop.bad_streak} updates in a row (the last: update {step}) had non-finite {bad}; they were "
+            f"skipped, and a checkpoint of the last good weights is in {checkpoint_dir(output_dir, step)}. Check the "
+            "reward model's scores (rollout.score_clip bounds them), lower optim.learning_rate, then rerun with "
+            "checkpoint.resume=true")
+    stopping = stop.agreed(t.accelerator.device) and step < cfg.ppo.num_updates
+    if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or stopping:
+        save()
+    if stopping:
+        raise StageInterrupted(f"ppo stopped by a signal after update {step}; a checkpoint was saved. Rerun with "
+                               "checkpoint.resume=true to continue")
+
+
+class Evaluator:
+    """The held-out evaluation (`rlhf.evaluation.evaluate_policy`) of the current policy on this process's share of
+    the held-out prompts, gathered, summarised and logged with a samples table."""
+
+    def __init__(self, cfg: PPOConfig, models: Models, inputs: Inputs, tracker: Any):
+        self.cfg, self.models, self.inputs, self.tracker = cfg, models, inputs, tracker
+        self.prompts = inputs.eval_prompts
+        self.use_gold = cfg.eval.gold_judge and all(isinstance(p, str) for p in self.prompts.prompts)
+
+    def run(self, update: int) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        if not self.prompts.prompts:
+            return {}
+        scoring, cfg = self.models.scoring, self.cfg
+        accelerator = scoring.accelerator
+        indices = list(range(accelerator.process_index, len(self.prompts.prompts), accelerator.num_processes))
+        scoring.unwrapped.eval()
+        with gathered_for_generation(accelerator, scoring.unwrapped.policy), scoring.inference():
+            records = evaluate_policy(scoring.unwrapped.policy, scoring.reference_logprobs, scoring.scorer,
+                                      self.prompts, indices, scoring.settings, seed=cfg.seed,
+                                      device=accelerator.device, batch_size=cfg.rollout.micro_batch_size,
+                                      gold_judge=self.use_gold,
+                                      progress=f"held-out eval (update {update})" if accelerator.is_main_process
+                                      else None)
+        records = sorted(gather_object(records), key=lambda rec: rec["index"])
+        metrics = summarise_records(records)
+        self.tracker.log({**metrics, EPISODE_METRIC: update * cfg.rollout.batch_size}, step=update)
+        if cfg.eval.samples:
+            columns = ["prompt", "response", "score", "kl"] + (["gold_combined"] if self.use_gold else [])
+            self.tracker.log_table("eval_samples", columns,
+                                   [[str(r[c]) if c == "prompt" else r[c] for c in columns]
+                                    for r in records[: cfg.eval.samples]], step=update)
+        return metrics
+
+    def before_training(self, start_update: int, output_dir: Path) -> dict[str, float]:
+        """The evaluation before the first update: run now, or read back from the logs of a resumed run."""
+        if start_update == 0 or not self.prompts.prompts:
+            return self.run(0)
+        before = {k: v for row in read_metrics(output_dir) if row.get("step") == 0
+                  for k, v in row.items() if k.startswith("eval/")}
+        logger.info("ppo: before training %s", format_metrics(before))
+        return before
+
+    def after_training(self) -> dict[str, float]:
+        return self.run(self.cfg.ppo.num_updates)
+
+
+def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stage: StageRun,
+           eval_before: dict[str, float], eval_after: dict[str, float]) -> Path:
+    """The summary (held-out metrics before and after, the last update's, the run's time and throughput), the
+    policy and critic, the score normalisation, and the manifest: the stage is complete."""
+    t = models.training
+    accelerator = t.accelerator
+    summary: dict[str, Any] = {f"final/{k.split('/', 1)[1]}": v for k, v in eval_after.items()}
+    summary.update({f"initial/{k.split('/', 1)[1]}": v for k, v in eval_before.items()})
+    summary.update({k: v for k, v in loop.history.items() if k.startswith(("rollout/", "ppo/"))})
+    summary.update({"time/rollout_s": loop.rollout_s, "time/train_s": loop.train_s,
+                    "perf/tokens_per_s": loop.tokens / max(loop.rollout_s + loop.train_s, 1e-9),
+                    "trainable_parameters": models.trainable, "updates": cfg.ppo.num_updates})
+    saved = save_outputs(accelerator, t.model, t.unwrapped, cfg, inputs.tokenizer, stage.output_dir)
+    if accelerator.is_main_process and loop.score_stats is not None:
+        write_json_atomic(stage.output_dir / REWARD_STATS_FILE, loop.score_stats)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        logger.info("ppo: %s", format_metrics(summary))
+    return stage.complete(summary, extra={"num_processes": accelerator.num_processes,
+                                          "zero_stage": zero_stage(accelerator), "critic_init": models.critic_source,
+                                          "reference": "adapters disabled" if models.scoring.reference is None
+                                          else "copy",
+                                          "policy_saved_as": saved, "score_norm": loop.score_stats,
+                                          "kl_coef_final": loop.kl_ctl.value, "data": inputs.data_stats})
 
 
 @dataclasses.dataclass
 class Scoring:
     """What scores a rollout: the unwrapped policy + critic (and the critic's head), the reference (None: the policy
-    with its adapters disabled), the reward model's scorer; whether the rollout's log-probs serve as the old ones;
-    the sampling temperature; rows per pass, and whether every process must run as many passes (ZeRO-3)."""
+    with its adapters disabled), the reward model's scorer; the speed paths taken (whether the rollout's log-probs
+    serve as the old ones, packing, length groups); how responses are sampled; the sampling temperature; rows per
+    pass, and whether every process must run as many passes (ZeRO-3)."""
 
     accelerator: Any
     unwrapped: PolicyAndCritic
     reference: torch.nn.Module | None
     scorer: RewardScorer
     critic_head: torch.nn.Module
-    reuse_logprobs: bool
+    speed: SpeedPaths
+    settings: GenerationSettings
     temperature: float
     micro_batch_size: int
     equal_count: bool
+
+    def inference(self) -> contextlib.ExitStack:
+        """The block generation and scoring run in (no weight changes inside it)."""
+        return self.speed.inference(self.unwrapped, self.reference, self.scorer.model)
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, r: int) -> torch.Tensor:
         """The reference's log-probs of the last ``r`` tokens at the sampling temperature. [B, r]."""
@@ -600,7 +723,7 @@ class Scoring:
 @dataclasses.dataclass
 class ScoredRollout:
     """A rollout's old log-probs, the critic's values (in its own units), the reference's log-probs ([B, R] each,
-    0 past each response) and the reward model's raw scores [B]."""
+    meaningful on the response tokens: `Rollout.response_mask`) and the reward model's raw scores [B]."""
 
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
@@ -616,17 +739,18 @@ def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], second
     unwrapped, device = scoring.unwrapped, rollout.response_ids.device
     batch, r = rollout.response_ids.shape
     old_values, ref_logprobs = (torch.zeros(batch, r, device=device) for _ in range(2))
-    old_logprobs = rollout.logprobs if scoring.reuse_logprobs else torch.zeros(batch, r, device=device)
+    reuse = scoring.speed.reuse_logprobs
+    old_logprobs = rollout.logprobs if reuse else torch.zeros(batch, r, device=device)
     lengths = rollout.attention_mask.sum(-1).tolist()
     # In the precision the training forward computes in (accelerate's autocast under mixed precision), so the first
     # ratio is 1 and the first KL 0.
     with scoring.accelerator.autocast():
-        for group in length_groups(lengths, scoring.micro_batch_size, equal_count=scoring.equal_count):
+        for group in scoring.speed.scoring_groups(lengths, scoring.micro_batch_size, equal_count=scoring.equal_count):
             rows = torch.tensor(group, device=device)
             part = rollout.select(rows)
             ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
             tp = time.perf_counter()
-            if scoring.reuse_logprobs:
+            if reuse:
                 old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=scoring.critic_head)
             else:
                 lp, _, v = unwrapped(ids, att, width, scoring.temperature, False)
@@ -642,8 +766,7 @@ def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], second
     return ScoredRollout(old_logprobs, old_values, ref_logprobs, raw_scores)
 
 
-def generate_rollout(cfg: PPOConfig, scoring: Scoring, settings: GenerationSettings, prompt_ids: list[list[int]],
-                     indices: list[int]) -> Rollout:
+def generate_rollout(cfg: PPOConfig, scoring: Scoring, prompt_ids: list[list[int]], indices: list[int]) -> Rollout:
     """One response to each prompt, ``rollout.micro_batch_size`` prompts per generation pass, the prompt of global
     sample index ``indices[i]`` with that index's random stream; under ZeRO-3 with the policy's weights gathered once
     for all the passes."""
@@ -652,9 +775,9 @@ def generate_rollout(cfg: PPOConfig, scoring: Scoring, settings: GenerationSetti
     with gathered_for_generation(scoring.accelerator, scoring.unwrapped.policy):
         for start in range(0, len(indices), step):
             uniforms = sample_uniforms(cfg.seed, "rollout", indices[start:start + step], cfg.rollout.max_new_tokens)
-            parts.append(generate(scoring.unwrapped.policy, prompt_ids[start:start + step], uniforms, settings,
-                                  scoring.accelerator.device))
-    return concat_rollouts(parts, settings.pad_token_id)
+            parts.append(generate(scoring.unwrapped.policy, prompt_ids[start:start + step], uniforms,
+                                  scoring.settings, scoring.accelerator.device))
+    return concat_rollouts(parts, scoring.settings.pad_token_id)
 
 
 @dataclasses.dataclass
@@ -723,15 +846,15 @@ LOSS_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx
 @dataclasses.dataclass
 class Training:
     """What the optimise phase works with: the prepared module (DDP or DeepSpeed engine) and the unwrapped policy +
-    critic inside it, the optimiser and its schedule, whether the linears run packed for oneDNN, this process's
-    micro-batch size and micro-batches per minibatch, and the pad token of the rollouts."""
+    critic inside it, the optimiser and its schedule, the speed paths taken (packing, length-sorted micro-batches),
+    this process's micro-batch size and micro-batches per minibatch, and the pad token of the rollouts."""
 
     accelerator: Any
     model: Any
     unwrapped: PolicyAndCritic
     optimizer: Any
     scheduler: Any
-    pack_linears: bool
+    speed: SpeedPaths
     micro_batch_size: int
     micro_batches: int
     pad_token_id: int
@@ -786,10 +909,10 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
         kl_before = stats.sums["ppo/approx_kl"].clone()
         stats.epochs += 1
         for mb_index, (mb_tokens, mb_rows) in enumerate(minibatches(
-                cfg, update, epoch, full.rollout.response_mask, seq_lengths, state.process_index,
-                state.num_processes)):
-            # oneDNN packing for this minibatch's forwards and backwards: its one optimiser step comes after them.
-            with packed_linears(training.unwrapped, enabled=training.pack_linears):
+                cfg, update, epoch, full.rollout.response_mask, state.process_index, state.num_processes,
+                order=lambda rows: training.speed.micro_batch_order(rows, seq_lengths))):
+            # The speed paths of this minibatch's forwards and backwards: its one optimiser step comes after them.
+            with training.speed.training(training.unwrapped):
                 for micro_rows in mb_rows.split(training.micro_batch_size):
                     if not micro_step(cfg, training, full.select(micro_rows), mb_tokens, stats, update=update,
                                       first_minibatch=epoch == 0 and mb_index == 0, critic_source=critic_source,
@@ -866,24 +989,24 @@ def gather_batch(accelerator: Any, batch: Batch, pad_token_id: int) -> Batch:
                                                         batch.advantages, batch.returns)))
 
 
-def minibatches(cfg: PPOConfig, update: int, epoch: int, response_mask: torch.Tensor, seq_lengths: torch.Tensor,
-                process_index: int, num_processes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def minibatches(cfg: PPOConfig, update: int, epoch: int, response_mask: torch.Tensor, process_index: int,
+                num_processes: int, *, order: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One PPO epoch's minibatches of the global batch: ``(token count of the global minibatch, this process's
     rows of it)``. A permutation keyed by (seed, update, epoch) cuts the batch into ``ppo.num_minibatches`` parts;
-    each part's rows are sorted by length (micro-batches of similar lengths waste less compute on padding) and dealt
-    to the processes in turn, so every process trains on as many rows as the others, of similar lengths, and the
-    minibatches do not depend on the number of processes. response_mask: [B, R]; seq_lengths: [B]."""
+    each part's rows are put in ``order`` (by length on the speed paths: micro-batches of similar lengths waste
+    less compute on padding) and dealt to the processes in turn, so every process trains on as many rows as the
+    others and the minibatches do not depend on the number of processes. response_mask: [B, R]."""
     # The key of the one permutation is that of process 0 when each process shuffled its own rows, so one-process
     # runs (and their checkpoints) draw the minibatches they drew before.
     generator = torch.Generator().manual_seed(
         sample_seed(cfg.seed, "minibatch/0", update * cfg.ppo.ppo_epochs + epoch))
-    order = torch.randperm(cfg.rollout.batch_size, generator=generator).to(response_mask.device)
+    permutation = torch.randperm(cfg.rollout.batch_size, generator=generator).to(response_mask.device)
     size = cfg.rollout.batch_size // cfg.ppo.num_minibatches
-    for mb_rows in order.split(size):
+    for mb_rows in permutation.split(size):
         # Losses are token sums over the global minibatch token count (sharded == global loss).
         mb_tokens = response_mask[mb_rows].sum().float()
-        mb_rows = mb_rows[seq_lengths[mb_rows].argsort(stable=True)]
-        yield mb_tokens, mb_rows[process_index::num_processes]
+        yield mb_tokens, order(mb_rows)[process_index::num_processes]
 
 
 def optimiser_step(accelerator: Any, model: Any, optimizer: Any, loss: torch.Tensor,
@@ -1065,75 +1188,3 @@ def restore(accelerator: Any, prepared: Any, directory: Path, unwrapped: PolicyA
     if accelerator.is_main_process:
         set_rng_state(trainer["rng"])
     return int(trainer["update"]), trainer["score_stats"]
-
-
-def build_missing_upstream(cfg: PPOConfig) -> list[str]:
-    """Build this run's SFT and reward outputs when PPO needs them and they are missing or incomplete, with the
-    configs of ``upstream_configs`` (run_dir set to this run's). Several processes cannot safely run them in one
-    launch; then the error names the command to run first. Returns the stages built."""
-    from rlhf.config import load_config
-    from rlhf.launcher import REPO_ROOT
-    from rlhf.pipeline import STANDARD_STAGES, resolve_target
-
-    needed = [name for name, path in (("sft", cfg.model.name_or_path), ("reward", cfg.reward_model.name_or_path))
-              if not path]
-    built = []
-    for name in needed:
-        manifest = read_manifest(stage_output_dir(cfg.run_dir, name))
-        if manifest is not None:
-            continue
-        config_file = cfg.upstream_configs.get(name)
-        command = f"accelerate launch launch/{name}.py run_dir={cfg.run_dir}"
-        if not config_file:
-            raise CheckpointError(f"{stage_output_dir(cfg.run_dir, name)} is not a complete {name} output; run "
-                                  f"`{command}` first")
-        if distributed_state().num_processes > 1:
-            raise CheckpointError(
-                f"{stage_output_dir(cfg.run_dir, name)} is missing; with several processes PPO does not build it in "
-                f"the same launch. Run `{command}` first (or launch PPO as one process)"
-            )
-        path = Path(config_file)
-        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-            path = REPO_ROOT / path
-        function, config_cls = resolve_target(STANDARD_STAGES[name][0])
-        upstream_cfg = load_config(config_cls, path, [f"run_dir={cfg.run_dir}"])
-        upstream_cfg.validate()
-        logger.info("ppo: %s output missing; building it first with %s", name, path)
-        function(upstream_cfg)
-        built.append(name)
-    return built
-
-
-def run_with_upstream(cfg: PPOConfig) -> Path:
-    """The main command: missing upstream stages, then PPO (with its held-out evaluation), then a summary."""
-    built = build_missing_upstream(cfg)
-    output_dir = run(cfg)
-    if distributed_state().is_main_process:
-        from rlhf.report import write_report
-
-        metrics = (read_manifest(output_dir) or {}).get("metrics", {})
-        print(summary_table(metrics, built))
-        # The report draws a run directory's stages; a PPO output written elsewhere (output_dir) is not one of them.
-        if output_dir.resolve() == stage_output_dir(cfg.run_dir, "ppo").resolve():
-            plot, page = write_report(cfg.run_dir)
-            print(f"report: {page} (curves: {plot})")
-        else:
-            logger.info("ppo: no report: the output %s is not the run directory's ppo/ (%s); `rlhf report RUN_DIR` "
-                        "draws a run directory's stages", output_dir, stage_output_dir(cfg.run_dir, "ppo"))
-    return output_dir
-
-
-def summary_table(metrics: dict[str, Any], built: list[str]) -> str:
-    """Held-out figures before (the SFT policy) and after PPO, one line each."""
-    lines = [f"built first: {', '.join(built)}"] if built else []
-    lines.append(f"{'held-out':<22}{'before':>10}{'after':>10}")
-    for key in ("score_mean", "kl", "eos_rate", "response_len", "gold_combined", "gold_positive",
-                "gold_grammatical", "gold_repetition", "gold_concise"):
-        before, after = metrics.get(f"initial/{key}"), metrics.get(f"final/{key}")
-        if before is None and after is None:
-            continue
-        fmt = lambda v: f"{v:10.3f}" if isinstance(v, (int, float)) else f"{'-':>10}"  # noqa: E731
-        lines.append(f"{key:<22}{fmt(before)}{fmt(after)}")
-    lines.append(f"time: rollout {metrics.get('time/rollout_s', 0):.1f} s, train {metrics.get('time/train_s', 0):.1f} s, "
-                 f"{metrics.get('perf/tokens_per_s', 0):.0f} tokens/s")
-    return "\n".join(lines)

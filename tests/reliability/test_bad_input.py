@@ -8,6 +8,7 @@ checks the real exit status and stderr."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -20,12 +21,13 @@ from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_cau
 
 from rlhf.checkpoint import read_manifest, write_json_atomic
 from rlhf.launcher import EXIT_USER_ERROR, REPO_ROOT, default_config_path, launch
+from rlhf.pipeline import run_with_upstream
 from stages import ppo, reward, sft
 
 LAUNCHERS = {
     "sft": (sft.run, sft.Config),
     "reward": (reward.run, reward.Config),
-    "ppo": (ppo.run_with_upstream, ppo.Config),
+    "ppo": (functools.partial(run_with_upstream, run_ppo=ppo.run), ppo.Config),
 }
 #: The demo data file each launcher reads (its first rows are the good rows of every case).
 DATA = {"sft": "sft.jsonl", "reward": "preferences.jsonl", "ppo": "prompts.jsonl"}

@@ -3,6 +3,8 @@ tokenised as in reward training, the missing-stop penalty, outputs, and resume a
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +14,9 @@ from support import (demo_rows, plain_tokenizer, save_reward_model, save_tiny_ca
 from rlhf.checkpoint import list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, load_config
 from rlhf.errors import ConfigError
+import rlhf.runtime
 from rlhf.models import score_sequences
+from rlhf.pipeline import build_missing_upstream, run_with_upstream
 from rlhf.scoring import RewardScorer
 from rlhf.signals import FAULT_ENV, InjectedFault
 from rlhf.text import RewardText, TextContract
@@ -247,9 +251,10 @@ def test_missing_upstream_with_several_processes_names_the_command(setup, monkey
 
     root = setup[0]
     cfg = load_config(PPOConfig, None, [f"run_dir={root / 'fresh'}"])
-    monkeypatch.setattr(ppo, "distributed_state", lambda: SimpleNamespace(num_processes=2, is_main_process=True))
+    monkeypatch.setattr(rlhf.runtime, "distributed_state",
+                        lambda: SimpleNamespace(num_processes=2, is_main_process=True))
     with pytest.raises(CheckpointError, match=r"accelerate launch launch/sft.py run_dir=.*fresh"):
-        ppo.build_missing_upstream(cfg)
+        build_missing_upstream(cfg)
 
 
 def test_onednn_packed_linears_run_the_same_update(setup, monkeypatch):
@@ -297,7 +302,9 @@ def test_critic_from_the_reward_model_is_read_in_normalised_score_units(setup, m
     """The returns are in normalised-score units, so a critic started from the reward model (whose outputs are raw
     scores) is read through the same normalisation; a critic started from the policy is read as it is."""
     raw, groups, seen = [], [], {}
-    original_values, original_gae, original_groups = ppo.token_values, ppo.gae, ppo.length_groups
+    import rlhf.ppo.speed
+
+    original_values, original_gae, original_groups = ppo.token_values, ppo.gae, rlhf.ppo.speed.length_groups
 
     def token_values(*args, **kwargs):
         out = original_values(*args, **kwargs)
@@ -317,7 +324,7 @@ def test_critic_from_the_reward_model_is_read_in_normalised_score_units(setup, m
         return original_gae(rewards, values, mask, **kwargs)
 
     monkeypatch.setattr(ppo, "token_values", token_values)
-    monkeypatch.setattr(ppo, "length_groups", length_groups)
+    monkeypatch.setattr(rlhf.ppo.speed, "length_groups", length_groups)
     monkeypatch.setattr(ppo, "gae", gae)
     out = ppo.run(_cfg(setup, f"units-{critic_init}", "rollout.score_norm=first_rollout",
                        f"ppo.critic_init={critic_init}"))
@@ -338,6 +345,7 @@ def test_rollout_passes_over_length_groups_equal_one_pass_over_the_padded_batch(
     lengths, each without its all-padding columns; the values, KL-shaped rewards and scores equal those of one pass
     over the whole padded batch."""
     import rlhf.models
+    import rlhf.ppo.speed
 
     def capture(name):
         seen = {}
@@ -369,7 +377,7 @@ def test_rollout_passes_over_length_groups_equal_one_pass_over_the_padded_batch(
     def one_group(lengths, max_rows, **kwargs):
         return [list(range(len(lengths)))]
 
-    monkeypatch.setattr(ppo, "length_groups", one_group)
+    monkeypatch.setattr(rlhf.ppo.speed, "length_groups", one_group)
     monkeypatch.setattr(rlhf.models, "length_groups", one_group)
     plain = capture("plain")
     assert torch.equal(grouped["mask"], plain["mask"])
@@ -458,8 +466,9 @@ def test_a_run_written_outside_its_run_directory_exits_0_without_a_report(setup,
             f"reward_model.name_or_path={rm}", f"data.path={prompts}", f"data.eval_path={eval_prompts}",
             "rollout.batch_size=8", "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=1",
             "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false"]
-    with caplog.at_level(logging.INFO, logger="stages.ppo"):
-        status = launch(ppo.run_with_upstream, ppo.Config, default_config=None, prog="launch/ppo.py", argv=argv)
+    with caplog.at_level(logging.INFO, logger="rlhf.pipeline"):
+        status = launch(functools.partial(run_with_upstream, run_ppo=ppo.run), ppo.Config, default_config=None,
+                        prog="launch/ppo.py", argv=argv)
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert read_manifest(elsewhere)["status"] == "complete"
