@@ -78,15 +78,16 @@ class ModelConfig:
     fused_activations: bool = option(
         True,
         doc="Run the tanh-approximate GELU that transformers writes out in Python (gelu_new, gelu_fast: GPT-2 and "
-            "others) with torch's fused kernel: the same function, differing only in rounding, 2x faster.",
+            "others) with torch's fused kernel: the same function, differing only in rounding (benchmarks/README.md "
+            "has the timings).",
         semantic=False,
     )
     onednn_linears: bool = option(
         True,
-        doc="On the CPU in float32, run the linear layers through oneDNN with their weights packed once per "
-            "optimiser step (and per PPO rollout) instead of torch's default MKL path: 1.2-2.5x faster products "
-            "on the benchmark CPU, the same function, differing only in rounding. No effect on GPUs, in other "
-            "dtypes or under DeepSpeed.",
+        doc="On the CPU in float32, run the linear layers of at least 2^17 weights through oneDNN with their "
+            "weights packed once per optimiser step (and per PPO rollout) instead of torch's default MKL path: the "
+            "same function, differing only in rounding (benchmarks/README.md has the timings). No effect on GPUs, "
+            "in other dtypes or under DeepSpeed.",
         semantic=False,
     )
 
