@@ -695,7 +695,11 @@ class RewardConfig(StageConfig):
 class RolloutConfig:
     """How PPO samples and scores responses."""
 
-    batch_size: int = option(64, doc="Prompts (= responses) per update across all processes.", ge=1)
+    batch_size: int = option(64, doc="Responses per update across all processes (prompts x samples_per_prompt).",
+                             ge=1)
+    samples_per_prompt: int = option(
+        1, doc="Responses sampled per prompt (a group, which the critic-free estimators compare within); batch_size "
+               "must be a multiple, and so must each process's share of it.", ge=1)
     max_prompt_len: int = option(64, doc="Prompts longer than this many tokens keep their last max_prompt_len.", ge=1)
     max_new_tokens: int = option(48, doc="Longest response in tokens.", ge=1)
     temperature: float = option(1.0, doc="Sampling temperature; training log-probs use the same one. 0 is greedy.",
@@ -738,6 +742,22 @@ class PPOAlgoConfig:
     vf_coef: float = option(0.1, doc="Weight of the value loss in the joint loss.", ge=0)
     entropy_coef: float = option(0.0, doc="Weight of the entropy bonus: the loss adds -entropy_coef x the mean "
                                           "per-token entropy of the policy (with its gradient).", ge=0)
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = option(
+        "gae",
+        doc="gae: PPO with a critic; grpo: each response's score against its group's mean and std (Shao et al. "
+            "2024); rloo: against the mean of the other responses to its prompt (Kool et al. 2019); reinforce_pp: "
+            "REINFORCE++, rewards to go whitened over the batch (Hu 2025). The last three build no critic; grpo "
+            "and rloo need rollout.samples_per_prompt >= 2 (rlhf/ppo/estimators.py).")
+    grpo_scale_by_std: bool = option(True, doc="grpo: divide by the group's score std; false centres only (Dr. "
+                                               "GRPO, Liu et al. 2025).")
+    kl_penalty: Literal["reward", "loss"] = option(
+        "reward", doc="Where the KL to the reference enters: reward (-kl_coef x kl_estimator on every token, as in "
+                      "PPO) or loss (kl_coef x the k3 estimate as a loss term, as in GRPO).")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = option(
+        "token_mean",
+        doc="How per-token losses become one: token_mean (every token weighs the same), seq_mean_token_mean (every "
+            "response weighs the same), seq_mean_token_sum_norm (token sums over max_new_tokens x responses: Dr. "
+            "GRPO's constant normaliser).")
     gamma: float = option(1.0, doc="Discount.", ge=0, le=1)
     lam: float = option(0.95, doc="GAE lambda.", ge=0, le=1)
     kl_coef: float = option(0.05, doc="KL penalty coefficient (initial value when kl_target is set).", ge=0)
@@ -748,7 +768,8 @@ class PPOAlgoConfig:
         None, doc="Early stop within an update: when an epoch's mean approximate KL between the rollout policy and the "
                   "updated one exceeds this, the update's remaining PPO epochs are skipped (ppo/epochs counts those "
                   "run). None runs every epoch.", gt=0)
-    whiten_advantages: bool = option(True, doc="Whiten advantages over the rollout batch (all processes).")
+    whiten_advantages: bool = option(True, doc="Whiten GAE's advantages over the rollout batch (all processes); "
+                                               "REINFORCE++ always whitens, GRPO and RLOO never do.")
     whiten_rewards: bool = option(False, doc="Scale per-token rewards to unit variance before GAE.")
     max_bad_updates: int = option(
         3, doc="Updates with non-finite scores, rewards, advantages or gradients are skipped; this many in a row stop "
@@ -828,6 +849,11 @@ class PPOConfig(StageConfig):
     def reward_path(self) -> str:
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
 
+    @property
+    def has_critic(self) -> bool:
+        """Whether the advantages need a learned value function (GAE) or come from the rewards alone."""
+        return self.ppo.advantage_estimator == "gae"
+
     def batch_layout(self, num_processes: int) -> "BatchLayout":
         """Rollouts per process, minibatch per process and micro-batches per minibatch; raises ConfigError with the
         keys to change when the global batch does not split evenly."""
@@ -840,6 +866,13 @@ class PPOConfig(StageConfig):
             raise ConfigError(
                 f"rollout.batch_size={batch} over {_processes(num_processes)} gives {local} rollouts each, which "
                 f"ppo.num_minibatches={self.ppo.num_minibatches} does not divide; change one of them"
+            )
+        group = self.rollout.samples_per_prompt
+        if local % group:
+            raise ConfigError(
+                f"rollout.batch_size={batch} over {_processes(num_processes)} gives {local} responses each, which "
+                f"rollout.samples_per_prompt={group} does not divide (a prompt's responses stay on one process); "
+                "change one of them"
             )
         minibatch = local // self.ppo.num_minibatches
         micro = min(self.ppo.micro_batch_size, minibatch)
@@ -854,6 +887,13 @@ class PPOConfig(StageConfig):
         for key, peft in (("peft", self.peft), ("critic_peft", self.critic_peft)):
             if peft.method == "prefix":
                 raise ConfigError(f"{key}.method=prefix is not supported by PPO; use full, lora or partial")
+        group, estimator = self.rollout.samples_per_prompt, self.ppo.advantage_estimator
+        if self.rollout.batch_size % group:
+            raise ConfigError(f"rollout.batch_size={self.rollout.batch_size} is not a multiple of "
+                              f"rollout.samples_per_prompt={group}; change one of them")
+        if estimator in ("grpo", "rloo") and group < 2:
+            raise ConfigError(f"ppo.advantage_estimator={estimator} compares the responses to one prompt: set "
+                              "rollout.samples_per_prompt to 2 or more (e.g. 4)")
         if self.data.max_length is not None:
             # Prompts are never dropped for their length here: they keep their last rollout.max_prompt_len tokens.
             raise ConfigError(
@@ -909,6 +949,11 @@ class EvaluateConfig(StageConfig):
     @property
     def reward_path(self) -> str:
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether the advantages need a learned value function (GAE) or come from the rewards alone."""
+        return self.ppo.advantage_estimator == "gae"
 
     def input_paths(self) -> dict[str, str]:
         # This run's PPO output as a whole (its fingerprint names the policy and the training settings read from it).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -53,7 +54,8 @@ from rlhf.models import (
 )
 from rlhf.ppo.advantages import gae, shaped_rewards
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
-from rlhf.ppo.losses import entropy_bonus, explained_variance_from_moments, policy_loss, value_loss
+from rlhf.ppo.estimators import aggregate, grpo_advantages, per_token, reinforce_pp_advantages, rloo_advantages
+from rlhf.ppo.losses import entropy_bonus, explained_variance_from_moments, kl_loss, policy_loss, value_loss
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
 from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
 from rlhf.ppo import speed
@@ -85,17 +87,21 @@ def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 class PolicyAndCritic(torch.nn.Module):
-    """Policy and critic as one module, so that one optimiser, one DDP wrapper or one DeepSpeed engine holds both."""
+    """Policy and critic as one module, so that one optimiser, one DDP wrapper or one DeepSpeed engine holds both.
+    The critic-free estimators have no critic (None): the values are then None too."""
 
-    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module | None):
         super().__init__()
         self.policy = policy
         self.critic = critic
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int,
-                temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                temperature: float, with_entropy: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         logprobs, entropy = policy_forward(self.policy, input_ids, attention_mask, num_response_tokens,
                                            temperature=temperature, with_entropy=with_entropy)
+        if self.critic is None:
+            return logprobs, entropy, None
         values = token_values(self.critic, input_ids, attention_mask, num_response_tokens,
                               head=score_module(self.critic))
         return logprobs, entropy, values
@@ -254,7 +260,7 @@ def optimiser_and_schedule(cfg: PPOConfig, model: PolicyAndCritic, total_steps: 
     o = cfg.optim
     groups = [
         {"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": o.learning_rate},
-        {"params": [p for p in model.critic.parameters() if p.requires_grad],
+        {"params": [p for p in model.critic.parameters() if p.requires_grad] if model.critic is not None else [],
          "lr": cfg.ppo.critic_learning_rate or o.learning_rate},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.learning_rate, betas=(o.adam_beta1,
@@ -430,13 +436,16 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     scorer = RewardScorer(reward_model, inputs.reward_tokenizer, policy_contract=inputs.contract,
                           is_encoder=inputs.reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
                           equal_count=zero3, by_length=cfg.speed_paths)
-    critic, critic_source = build_critic(cfg, inputs.tokenizer, inputs.reward_tokenizer, inputs.reward_is_encoder,
-                                         scorer)
+    critic, critic_source = None, "none"  # the critic-free estimators build, load and train none
+    if cfg.has_critic:
+        critic, critic_source = build_critic(cfg, inputs.tokenizer, inputs.reward_tokenizer,
+                                             inputs.reward_is_encoder, scorer)
+        critic = apply_peft(critic, cfg.critic_peft, task="score")
     policy = apply_peft(policy, cfg.peft, task="causal_lm")
-    critic = apply_peft(critic, cfg.critic_peft, task="score")
     # After the adapters are added: a LoRA layer's own dropout (peft.lora_dropout) goes too.
     for model in (policy, critic):
-        disable_dropout(model)
+        if model is not None:
+            disable_dropout(model)
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     model = PolicyAndCritic(policy, critic)
@@ -455,16 +464,17 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     training = Training(accelerator, model, unwrapped, optimizer, scheduler, paths,
                         micro_batch_size=layout.minibatch // layout.micro_batches, micro_batches=layout.micro_batches,
                         pad_token_id=inputs.tokenizer.pad_token_id)
-    scoring = Scoring(accelerator, unwrapped, reference, scorer, score_module(unwrapped.critic), paths,
+    critic_head = score_module(unwrapped.critic) if unwrapped.critic is not None else None
+    scoring = Scoring(accelerator, unwrapped, reference, scorer, critic_head, paths,
                       paths.generation(inputs.settings), temperature=cfg.rollout.temperature or 1.0,
                       micro_batch_size=cfg.rollout.micro_batch_size, equal_count=zero3)
     # The models, tokenizers and prompts live for the whole run.
     paths.settle_heap()
     logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
-                "parameters train; critic from the %s model; reference: %s; speed paths: %s",
+                "parameters train; advantages: %s; critic from the %s model; reference: %s; speed paths: %s",
                 accelerator.num_processes, layout.rollouts, layout.minibatch, layout.micro_batches, trainable, total,
-                critic_source, "policy with adapters disabled" if reference is None else "frozen copy",
-                paths.describe())
+                cfg.ppo.advantage_estimator, critic_source,
+                "policy with adapters disabled" if reference is None else "frozen copy", paths.describe())
     return Models(training, scoring, critic_source, trainable)
 
 
@@ -520,16 +530,17 @@ class LoopState:
 
 def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptStream, loop: LoopState,
                update: int) -> UpdateResult:
-    """One update: this process's share of the update's global sample indices (one random stream each) is
-    generated and scored, rewards shaped and advantages estimated (statistics over all processes), then the PPO
-    epochs optimise; the metrics are reduced over all processes."""
+    """One update: this process's share of the update's global sample indices (one random stream each; sample g
+    answers prompt g // ``rollout.samples_per_prompt`` of the stream) is generated and scored, rewards shaped and
+    advantages estimated (statistics over all processes), then the PPO epochs optimise; the metrics are reduced
+    over all processes."""
     scoring, accelerator = models.scoring, models.training.accelerator
     local_batch = cfg.rollout.batch_size // accelerator.num_processes
     t0 = time.perf_counter()
     phase = {"generate_s": 0.0, "policy_value_s": 0.0, "reference_s": 0.0, "reward_s": 0.0}
     first = update * cfg.rollout.batch_size + accelerator.process_index * local_batch
     indices = list(range(first, first + local_batch))
-    prompt_rows = [prompts[g] for g in indices]
+    prompt_rows = [prompts[g // cfg.rollout.samples_per_prompt] for g in indices]
     scoring.unwrapped.eval()
     with torch.inference_mode(), scoring.inference():
         rollout = generate_rollout(cfg, scoring, [inputs.train_prompts.prompt_ids[i] for i in prompt_rows], indices)
@@ -549,7 +560,7 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
 
     t1 = time.perf_counter()
     trained = optimise(cfg, models.training, batch, update, skip=bad, critic_source=models.critic_source,
-                       score_stats=loop.score_stats)
+                       score_stats=loop.score_stats, kl_coef=loop.kl_ctl.value)
     train_s = time.perf_counter() - t1
 
     losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
@@ -557,9 +568,9 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
     metrics = {
         **{k: drawn[k] for k in ROLLOUT_METRICS},
-        **{k: losses[k] for k in LOSS_METRICS},
-        "ppo/explained_var": explained_variance_all(accelerator, shaped.old_values, shaped.returns,
-                                                    rollout.response_mask),
+        **{k: losses[k] for k in loss_metrics(cfg)},
+        **({"ppo/explained_var": explained_variance_all(accelerator, shaped.old_values, shaped.returns,
+                                                        rollout.response_mask)} if cfg.has_critic else {}),
         "ppo/kl_coef": loop.kl_ctl.value, "ppo/logprob_gap": losses["ppo/logprob_gap"],
         "ppo/lr": models.training.scheduler.get_last_lr()[0],
         "time/rollout_s": rollout_s, "time/train_s": train_s,
@@ -732,8 +743,8 @@ class ScoredRollout:
 
 
 def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], seconds: dict[str, float]) -> ScoredRollout:
-    """Old log-probs (from generation's own logits, or a policy pass), values, the reference's log-probs and the
-    reward model's scores of ``rollout`` (whose prompts, as data, are ``prompts``). Rows go through in groups of
+    """Old log-probs (from generation's own logits, or a policy pass), values (0 without a critic), the reference's
+    log-probs and the reward model's scores of ``rollout`` (whose prompts, as data, are ``prompts``). Rows go through in groups of
     similar lengths, each without the columns that are padding in all its rows. Adds the time of each kind of pass
     to ``seconds`` (policy_value_s, reference_s, reward_s)."""
     unwrapped, device = scoring.unwrapped, rollout.response_ids.device
@@ -750,11 +761,12 @@ def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], second
             part = rollout.select(rows)
             ids, att, width = part.input_ids, part.attention_mask, part.response_ids.shape[1]
             tp = time.perf_counter()
-            if reuse:
-                old_values[rows, :width] = token_values(unwrapped.critic, ids, att, width, head=scoring.critic_head)
-            else:
+            if not reuse:
                 lp, _, v = unwrapped(ids, att, width, scoring.temperature, False)
                 old_logprobs[rows, :width] = lp
+            elif unwrapped.critic is not None:
+                v = token_values(unwrapped.critic, ids, att, width, head=scoring.critic_head)
+            if unwrapped.critic is not None:  # without a critic the values stay 0
                 old_values[rows, :width] = v
             tr = time.perf_counter()
             ref_logprobs[rows, :width] = scoring.reference_logprobs(ids, att, width)
@@ -795,8 +807,8 @@ class ShapedRollout:
 def rewards_and_advantages(cfg: PPOConfig, accelerator: Any, rollout: Rollout, scored: ScoredRollout,
                            score_stats: dict[str, float] | None, kl_coef: float,
                            critic_source: str) -> ShapedRollout:
-    """Final scores, per-token rewards with the KL penalty (score on the last token), GAE advantages and returns;
-    whitening statistics over all processes."""
+    """Final scores, per-token rewards with the KL penalty (score on the last token; no penalty here when the KL is
+    a loss term), then the advantages and returns of ``ppo.advantage_estimator`` (`estimate_advantages`)."""
     mask = rollout.response_mask
     old_values = critic_in_score_units(scored.old_values, critic_source, score_stats)
     # Without stopping every response runs to max_new_tokens: none is cut short, none is penalised.
@@ -804,13 +816,36 @@ def rewards_and_advantages(cfg: PPOConfig, accelerator: Any, rollout: Rollout, s
                           missing_stop_penalty=cfg.rollout.missing_stop_penalty if cfg.rollout.stop_at_stop_token
                           else 0.0, clip=cfg.rollout.score_clip)
     kl = kl_per_token(scored.old_logprobs, scored.ref_logprobs, cfg.ppo.kl_estimator) * mask
-    rewards = shaped_rewards(scores, kl, mask, kl_coef)
+    rewards = shaped_rewards(scores, kl, mask, kl_coef if cfg.ppo.kl_penalty == "reward" else 0.0)
     if cfg.ppo.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False, stats=accelerator.reduce(moments(rewards, mask), "sum"))
-    advantages, returns = gae(rewards, old_values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+    advantages, returns = estimate_advantages(cfg, accelerator, rewards, old_values, mask)
+    return ShapedRollout(old_values, scores, rewards, advantages, returns)
+
+
+def estimate_advantages(cfg: PPOConfig, accelerator: Any, rewards: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token advantages and returns ([B, R] each) from the shaped rewards, by ``ppo.advantage_estimator``:
+
+    - gae: GAE with the critic's values, whitened over the global batch (``ppo.whiten_advantages``);
+    - grpo, rloo: each response's outcome (its rewards summed: the score, minus the KL penalty when it is in the
+      reward) against the other responses to its prompt, on every token of the response; returns are 0 (no critic);
+    - reinforce_pp: the rewards to go, whitened over the global batch.
+
+    Statistics over all processes; a group of responses never straddles processes (`PPOConfig.batch_layout`)."""
+    estimator = cfg.ppo.advantage_estimator
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, mask, gamma=cfg.ppo.gamma,
+                                       reduce=lambda stats: accelerator.reduce(stats, "sum"))
+    if estimator in ("grpo", "rloo"):
+        outcome, group = masked_sum(rewards, mask, dim=-1), cfg.rollout.samples_per_prompt
+        advantages = (grpo_advantages(outcome, group, scale_by_std=cfg.ppo.grpo_scale_by_std) if estimator == "grpo"
+                      else rloo_advantages(outcome, group))
+        return per_token(advantages, mask), torch.zeros_like(rewards)
+    advantages, returns = gae(rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
     if cfg.ppo.whiten_advantages:
         advantages = whiten(advantages, mask, stats=accelerator.reduce(moments(advantages, mask), "sum"))
-    return ShapedRollout(old_values, scores, rewards, advantages, returns)
+    return advantages, returns
 
 
 #: What each update's rollout drew and scored, means over the global batch, in the order they are logged.
@@ -841,6 +876,15 @@ def rollout_means(accelerator: Any, rollout: Rollout, scored: ScoredRollout, sha
 #: Per-minibatch statistics of an update, in the order they are logged: `UpdateStats` sums them over micro-batches.
 LOSS_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy",
                 "ppo/value_clipfrac", "ppo/ratio")
+#: What only a run with a critic logs.
+CRITIC_METRICS = ("ppo/value_loss", "ppo/value_clipfrac", "ppo/explained_var")
+
+
+def loss_metrics(cfg: PPOConfig) -> tuple[str, ...]:
+    """The `LOSS_METRICS` a run of ``cfg`` has: the value loss's only with a critic; ``ppo/kl_loss`` when the KL is a
+    loss term."""
+    names = LOSS_METRICS if cfg.has_critic else tuple(n for n in LOSS_METRICS if n not in CRITIC_METRICS)
+    return names + (("ppo/kl_loss",) if cfg.ppo.kl_penalty == "loss" else ())
 
 
 @dataclasses.dataclass
@@ -874,9 +918,9 @@ class UpdateStats:
     bad: str | None = None
 
     @classmethod
-    def zeros(cls, device: Any, bad: str | None) -> "UpdateStats":
+    def zeros(cls, device: Any, bad: str | None, names: tuple[str, ...] = LOSS_METRICS) -> "UpdateStats":
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        return cls({name: zero() for name in LOSS_METRICS}, zero(), bad=bad)
+        return cls({name: zero() for name in names}, zero(), bad=bad)
 
     def reduced(self, accelerator: Any, num_minibatches: int) -> dict[str, float]:
         """Means over the minibatches run on all processes, and the log-prob gap: one reduce."""
@@ -886,13 +930,14 @@ class UpdateStats:
 
 
 def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, skip: str | None,
-             critic_source: str, score_stats: dict[str, float] | None) -> UpdateStats:
+             critic_source: str, score_stats: dict[str, float] | None, kl_coef: float = 0.0) -> UpdateStats:
     """PPO epochs over minibatches of the global batch (`minibatches`), micro-batches accumulating each
     minibatch's gradient. Nothing trains when ``skip`` names a non-finite input; non-finite
-    gradients stop the update. ``ppo.target_kl`` ends the epochs early. The schedule passes the steps not taken."""
+    gradients stop the update. ``ppo.target_kl`` ends the epochs early. The schedule passes the steps not taken.
+    ``kl_coef`` weighs the KL loss term (``ppo.kl_penalty=loss``)."""
     accelerator = training.accelerator
     state = distributed_state()
-    stats = UpdateStats.zeros(accelerator.device, skip)
+    stats = UpdateStats.zeros(accelerator.device, skip, loss_metrics(cfg))
     training.unwrapped.train()
     # Every process holds the whole global batch, so a minibatch is the same rows on 1 or N processes.
     full = gather_batch(accelerator, batch, training.pad_token_id)
@@ -916,7 +961,7 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
                 for micro_rows in mb_rows.split(training.micro_batch_size):
                     if not micro_step(cfg, training, full.select(micro_rows), mb_tokens, stats, update=update,
                                       first_minibatch=epoch == 0 and mb_index == 0, critic_source=critic_source,
-                                      score_stats=score_stats):
+                                      score_stats=score_stats, kl_coef=kl_coef):
                         stats.bad = "gradients"  # this step is not taken, nor the rest of the update
                         break
             if stats.bad is not None:
@@ -930,7 +975,7 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
 
 def micro_step(cfg: PPOConfig, training: Training, mb: Batch, mb_tokens: torch.Tensor, stats: UpdateStats, *,
                update: int, first_minibatch: bool, critic_source: str,
-               score_stats: dict[str, float] | None) -> bool:
+               score_stats: dict[str, float] | None, kl_coef: float = 0.0) -> bool:
     """Forward, losses and backward of one micro-batch, and the optimiser step at the end of its minibatch; its
     statistics go into ``stats``. False when the gradient was not finite (no step was taken)."""
     with training.accelerator.accumulate(training.model):
@@ -941,15 +986,8 @@ def micro_step(cfg: PPOConfig, training: Training, mb: Batch, mb_tokens: torch.T
         m = mb.rollout.response_mask
         if first_minibatch:
             stats.logprob_gap += (masked_sum((logprobs.detach() - mb.old_logprobs).abs(), m) / mb_tokens).double()
-        pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m, clip_range=cfg.ppo.clip_range,
-                                        num_tokens=mb_tokens)
-        values = critic_in_score_units(values, critic_source, score_stats)
-        vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m, clip_range=cfg.ppo.value_clip_range,
-                                       num_tokens=mb_tokens)
-        entropy_loss, entropy_stats = entropy_bonus(entropy, m, num_tokens=mb_tokens)
-        loss = pg_loss + cfg.ppo.vf_coef * vf_loss
-        if cfg.ppo.entropy_coef:
-            loss = loss + cfg.ppo.entropy_coef * entropy_loss
+        loss, parts = micro_batch_loss(cfg, mb, logprobs, entropy, values, mb_tokens, critic_source=critic_source,
+                                       score_stats=score_stats, kl_coef=kl_coef)
         if fault_injected("nan_loss", update + 1):
             loss = loss * float("nan")
         # DDP averages gradients over processes and accelerate divides by the accumulation steps; undo both so the
@@ -961,11 +999,42 @@ def micro_step(cfg: PPOConfig, training: Training, mb: Batch, mb_tokens: torch.T
         if training.accelerator.sync_gradients:
             training.scheduler.step()
             stats.optimizer_steps += 1
-    for name, value in zip(LOSS_METRICS, (pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"],
-                                          pg_stats["approx_kl"], entropy_stats["entropy"], vf_stats["clipfrac"],
-                                          pg_stats["ratio"])):
-        stats.sums[name] += value.double()
+    for name in stats.sums:
+        stats.sums[name] += parts[name].double()
     return True
+
+
+def micro_batch_loss(cfg: PPOConfig, mb: Batch, logprobs: torch.Tensor, entropy: torch.Tensor,
+                     values: torch.Tensor | None, mb_tokens: torch.Tensor, *, critic_source: str,
+                     score_stats: dict[str, float] | None, kl_coef: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One micro-batch's loss, its part of the global minibatch's: the clipped policy loss (aggregated by
+    ``ppo.loss_aggregation``), ``ppo.vf_coef`` x the clipped value loss (with a critic), ``ppo.entropy_coef`` x the
+    entropy bonus, ``kl_coef`` x the KL to the reference (``ppo.kl_penalty=loss``); and the statistics, by name."""
+    m = mb.rollout.response_mask
+    how = cfg.ppo.loss_aggregation
+    aggregation = functools.partial(aggregate, how=how, num_tokens=mb_tokens,
+                                    num_sequences=cfg.rollout.batch_size // cfg.ppo.num_minibatches,
+                                    max_tokens=cfg.rollout.max_new_tokens)
+    pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, m, clip_range=cfg.ppo.clip_range,
+                                    num_tokens=mb_tokens, aggregate=None if how == "token_mean" else aggregation)
+    entropy_loss, entropy_stats = entropy_bonus(entropy, m, num_tokens=mb_tokens)
+    parts = {"ppo/policy_loss": pg_loss.detach(), "ppo/clipfrac": pg_stats["clipfrac"],
+             "ppo/approx_kl": pg_stats["approx_kl"], "ppo/entropy": entropy_stats["entropy"],
+             "ppo/ratio": pg_stats["ratio"]}
+    loss = pg_loss
+    if values is not None:
+        values = critic_in_score_units(values, critic_source, score_stats)
+        vf_loss, vf_stats = value_loss(values, mb.old_values, mb.returns, m, clip_range=cfg.ppo.value_clip_range,
+                                       num_tokens=mb_tokens)
+        loss = pg_loss + cfg.ppo.vf_coef * vf_loss
+        parts.update({"ppo/value_loss": vf_loss.detach(), "ppo/value_clipfrac": vf_stats["clipfrac"]})
+    if cfg.ppo.entropy_coef:
+        loss = loss + cfg.ppo.entropy_coef * entropy_loss
+    if cfg.ppo.kl_penalty == "loss":
+        kl_term = kl_loss(logprobs, mb.ref_logprobs, m, aggregate=aggregation)
+        loss = loss + kl_coef * kl_term
+        parts["ppo/kl_loss"] = kl_term.detach()
+    return loss, parts
 
 
 def gather_batch(accelerator: Any, batch: Batch, pad_token_id: int) -> Batch:
@@ -1051,14 +1120,15 @@ def compute_dtype(accelerator: Any, model: torch.nn.Module) -> torch.dtype:
 
 def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cfg: PPOConfig, tokenizer: Any,
                  output_dir: Path) -> str | None:
-    """policy/ (merged when LoRA) and value/ with the tokenizer. Under ZeRO-3 the weights are partitioned: they are
+    """policy/ (merged when LoRA) and value/ (with a critic) with the tokenizer. Under ZeRO-3 the weights are partitioned: they are
     gathered into one state dict and saved from it (LoRA then as an adapter, which AutoModelForCausalLM loads with
     its base). Returns how the policy was saved ("model" or "adapter") on the main process."""
     if zero_stage(accelerator) != 3:
         if not accelerator.is_main_process:
             return None
         saved = save_model(unwrapped.policy, tokenizer, output_dir / "policy", cfg.peft)
-        save_model(unwrapped.critic, tokenizer, output_dir / "value", cfg.critic_peft)
+        if unwrapped.critic is not None:
+            save_model(unwrapped.critic, tokenizer, output_dir / "value", cfg.critic_peft)
         return saved
     from peft import PeftModel
 
@@ -1067,6 +1137,8 @@ def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cf
         return None
     saved = "model"
     for name, module, folder in (("policy", unwrapped.policy, "policy"), ("critic", unwrapped.critic, "value")):
+        if module is None:
+            continue
         part = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
         module.save_pretrained(output_dir / folder, state_dict=part, safe_serialization=True)
         tokenizer.save_pretrained(output_dir / folder)

@@ -4,6 +4,8 @@ minibatches add up to the global loss), and the stats are detached tensors norma
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from rlhf.ppo.masked import masked_sum
@@ -125,11 +127,13 @@ def policy_loss(
     *,
     clip_range: float,
     num_tokens: float | torch.Tensor | None = None,
+    aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
-    per token: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logprobs - old_logprobs).
-    All inputs [B, T]. Stats: ``clipfrac`` (share of tokens where the clipped term is active, so no gradient flows),
+    per token: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logprobs - old_logprobs); summed over the valid
+    tokens and divided by ``num_tokens``, or made one number by ``aggregate(per_token, mask)``
+    (`rlhf.ppo.estimators.aggregate`). All inputs [B, T]. Stats (token means): ``clipfrac`` (share of tokens where the clipped term is active, so no gradient flows),
     ``approx_kl`` (k3 estimate of KL(old || new) from tokens sampled by the old policy, Schulman 2020:
     (r - 1) - log r), ``ratio`` (mean ratio).
     """
@@ -139,7 +143,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / n
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_sum(per_token, mask) / n if aggregate is None else aggregate(per_token, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_sum((clipped > unclipped).float(), mask) / n,
@@ -207,3 +212,17 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mas
 
     return torch.tensor(explained_variance_from_moments(moments(returns, response_mask), moments(returns - values, response_mask)),
                         dtype=torch.float32)
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4): per token the k3 estimate
+    pi_ref / pi - log(pi_ref / pi) - 1 >= 0 (Schulman 2020), with its gradient through ``logprobs``, made one number
+    by ``aggregate(per_token, mask)``. All inputs [B, T]."""
+    log_ratio = ref_logprobs - logprobs
+    return aggregate(torch.expm1(log_ratio) - log_ratio, response_mask.bool())
