@@ -729,6 +729,20 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """What a response's score is made of: the reward model's and rule-based reward functions' (rlhf/rewards.py)."""
+
+    functions: dict[str, float] = option(
+        default_factory=dict,
+        doc="Reward functions, 'module:function' -> weight: each scores the decoded responses (f(prompts, "
+            "responses) -> one number each); its weighted scores add to the score, and its mean is logged as "
+            "reward/<function>.")
+    reward_model_weight: float = option(
+        1.0, doc="Weight of the reward model's normalised score; 0 trains on the functions alone (the reward model "
+                 "then still scores the held-out evaluation).", ge=0)
+
+
+@dataclass
 class PPOAlgoConfig:
     """The PPO update: epochs, minibatches, clipping, KL control and advantage estimation."""
 
@@ -824,6 +838,7 @@ class PPOConfig(StageConfig):
     )
     optim: OptimConfig = section(lambda: OptimConfig(learning_rate=1e-5, lr_scheduler="linear"), "Optimiser.")
     rollout: RolloutConfig = section(RolloutConfig, "Sampling and scoring.")
+    rewards: RewardsConfig = section(RewardsConfig, "The reward model's weight and rule-based reward functions.")
     ppo: PPOAlgoConfig = section(PPOAlgoConfig, "The PPO update.")
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
     samples_every: int = option(10, doc="Log a table of (prompt, response, score) every N updates.", ge=1,
@@ -891,6 +906,9 @@ class PPOConfig(StageConfig):
         if self.rollout.batch_size % group:
             raise ConfigError(f"rollout.batch_size={self.rollout.batch_size} is not a multiple of "
                               f"rollout.samples_per_prompt={group}; change one of them")
+        if not self.rewards.reward_model_weight and not self.rewards.functions:
+            raise ConfigError("rewards.reward_model_weight=0 with no rewards.functions leaves nothing to train on; "
+                              "add a reward function or set the weight above 0")
         if estimator in ("grpo", "rloo") and group < 2:
             raise ConfigError(f"ppo.advantage_estimator={estimator} compares the responses to one prompt: set "
                               "rollout.samples_per_prompt to 2 or more (e.g. 4)")

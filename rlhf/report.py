@@ -246,7 +246,7 @@ def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
     ppo, sft, reward = stages["ppo"], stages["sft"], stages["reward"]
     batch = rollout_batch_size(ppo)
     scale = batch or 1
-    ppo_xlabel = f"episodes (updates \u00d7 {batch} prompts)" if batch else "PPO update"
+    ppo_xlabel = f"episodes (updates \u00d7 {batch} responses)" if batch else "PPO update"
 
     def ppo_series(key: str) -> tuple[list[float], list[float]]:
         steps, values = ppo.series(key)
@@ -322,6 +322,9 @@ def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
             handles += _curve(ax, *ppo_series("ppo/value_loss"), COLORS["value_loss"], "ppo/value_loss")
             ax.set_ylabel("value loss", color=COLORS["value_loss"])
             ax.tick_params(axis="y", colors=COLORS["value_loss"])
+        else:  # a critic-free estimator: no critic, no value loss
+            ax.set_title("(e) PPO: policy loss (no critic)")
+            ax.set_yticks([])
         if ppo.series("ppo/policy_loss")[0]:
             right = _twin(ax, COLORS["policy_loss"], "policy loss")
             handles += _curve(right, *ppo_series("ppo/policy_loss"), COLORS["policy_loss"], "ppo/policy_loss")

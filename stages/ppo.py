@@ -62,6 +62,7 @@ from rlhf.ppo import speed
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
 from rlhf.ppo.speed import SpeedPaths
 from rlhf.runtime import StageRun, distributed_state, fused_adamw, is_deepspeed, onednn_linears
+from rlhf.rewards import WeightedReward, load_reward_functions, score_responses
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
 from rlhf.text import TextContract
@@ -375,6 +376,7 @@ class Inputs:
     score_stats: dict[str, float] | None
     resume_from: Path | None
     settings: GenerationSettings
+    reward_functions: list[WeightedReward]
 
 
 def read_inputs(cfg: PPOConfig, state: Any) -> Inputs:
@@ -407,7 +409,8 @@ def read_inputs(cfg: PPOConfig, state: Any) -> Inputs:
         stop_token_ids=contract.stop_token_ids if cfg.rollout.stop_at_stop_token else (),
     )
     return Inputs(policy_cfg, reward_cfg, tokenizer, contract, reward_tokenizer, reward_is_encoder, train_prompts,
-                  eval_prompts, data_stats, score_stats, resume_from, settings)
+                  eval_prompts, data_stats, score_stats, resume_from, settings,
+                  load_reward_functions(cfg.rewards.functions))
 
 
 @dataclasses.dataclass
@@ -467,7 +470,8 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     critic_head = score_module(unwrapped.critic) if unwrapped.critic is not None else None
     scoring = Scoring(accelerator, unwrapped, reference, scorer, critic_head, paths,
                       paths.generation(inputs.settings), temperature=cfg.rollout.temperature or 1.0,
-                      micro_batch_size=cfg.rollout.micro_batch_size, equal_count=zero3)
+                      micro_batch_size=cfg.rollout.micro_batch_size, equal_count=zero3,
+                      rewards=inputs.reward_functions, reward_model_weight=cfg.rewards.reward_model_weight)
     # The models, tokenizers and prompts live for the whole run.
     paths.settle_heap()
     logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
@@ -568,6 +572,7 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
     metrics = {
         **{k: drawn[k] for k in ROLLOUT_METRICS},
+        **{k: drawn[k] for k in scored.function_scores},
         **{k: losses[k] for k in loss_metrics(cfg)},
         **({"ppo/explained_var": explained_variance_all(accelerator, shaped.old_values, shaped.returns,
                                                         rollout.response_mask)} if cfg.has_critic else {}),
@@ -705,7 +710,8 @@ class Scoring:
     """What scores a rollout: the unwrapped policy + critic (and the critic's head), the reference (None: the policy
     with its adapters disabled), the reward model's scorer; the speed paths taken (whether the rollout's log-probs
     serve as the old ones, packing, length groups); how responses are sampled; the sampling temperature; rows per
-    pass, and whether every process must run as many passes (ZeRO-3)."""
+    pass, and whether every process must run as many passes (ZeRO-3); the reward functions, and the reward model's
+    weight (0: its pass is left out)."""
 
     accelerator: Any
     unwrapped: PolicyAndCritic
@@ -717,6 +723,8 @@ class Scoring:
     temperature: float
     micro_batch_size: int
     equal_count: bool
+    rewards: list[WeightedReward] = dataclasses.field(default_factory=list)
+    reward_model_weight: float = 1.0
 
     def inference(self) -> contextlib.ExitStack:
         """The block generation and scoring run in (no weight changes inside it)."""
@@ -734,12 +742,15 @@ class Scoring:
 @dataclasses.dataclass
 class ScoredRollout:
     """A rollout's old log-probs, the critic's values (in its own units), the reference's log-probs ([B, R] each,
-    meaningful on the response tokens: `Rollout.response_mask`) and the reward model's raw scores [B]."""
+    meaningful on the response tokens: `Rollout.response_mask`), the reward model's raw scores [B] (0 when its
+    weight is 0), and each reward function's scores [B] by metric name with their weighted sum (None without)."""
 
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
     ref_logprobs: torch.Tensor
     raw_scores: torch.Tensor
+    function_scores: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    function_total: torch.Tensor | None = None
 
 
 def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], seconds: dict[str, float]) -> ScoredRollout:
@@ -773,9 +784,25 @@ def score_rollout(scoring: Scoring, rollout: Rollout, prompts: list[Any], second
             seconds["policy_value_s"] += tr - tp
             seconds["reference_s"] += time.perf_counter() - tr
     ts = time.perf_counter()
-    raw_scores = scoring.scorer.score(prompts, rollout.prompt_lists(), rollout.response_lists()).to(device)
+    raw_scores = torch.zeros(batch, device=device)
+    if scoring.reward_model_weight:
+        raw_scores = scoring.scorer.score(prompts, rollout.prompt_lists(), rollout.response_lists()).to(device)
+    functions, total = reward_function_scores(scoring, rollout, prompts)
     seconds["reward_s"] = time.perf_counter() - ts
-    return ScoredRollout(old_logprobs, old_values, ref_logprobs, raw_scores)
+    return ScoredRollout(old_logprobs, old_values, ref_logprobs, raw_scores, functions, total)
+
+
+def reward_function_scores(scoring: Scoring, rollout: Rollout, prompts: list[Any],
+                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The reward functions' scores of the decoded responses (up to their stop token), by metric name, and their
+    weighted sum; ``({}, None)`` without functions."""
+    if not scoring.rewards:
+        return {}, None
+    contract, device = scoring.scorer.policy_contract, rollout.response_ids.device
+    responses = [contract.decode_response(ids)[0] for ids in rollout.response_lists()]
+    scores = {name: t.to(device) for name, t in score_responses(scoring.rewards, prompts, responses).items()}
+    total = torch.stack([reward.weight * scores[reward.metric] for reward in scoring.rewards]).sum(0)
+    return scores, total
 
 
 def generate_rollout(cfg: PPOConfig, scoring: Scoring, prompt_ids: list[list[int]], indices: list[int]) -> Rollout:
@@ -814,7 +841,8 @@ def rewards_and_advantages(cfg: PPOConfig, accelerator: Any, rollout: Rollout, s
     # Without stopping every response runs to max_new_tokens: none is cut short, none is penalised.
     scores = final_scores(scored.raw_scores, rollout.stopped, score_stats,
                           missing_stop_penalty=cfg.rollout.missing_stop_penalty if cfg.rollout.stop_at_stop_token
-                          else 0.0, clip=cfg.rollout.score_clip)
+                          else 0.0, clip=cfg.rollout.score_clip, model_weight=cfg.rewards.reward_model_weight,
+                          extra=scored.function_total)
     kl = kl_per_token(scored.old_logprobs, scored.ref_logprobs, cfg.ppo.kl_estimator) * mask
     rewards = shaped_rewards(scores, kl, mask, kl_coef if cfg.ppo.kl_penalty == "reward" else 0.0)
     if cfg.ppo.whiten_rewards:
@@ -856,8 +884,9 @@ ROLLOUT_METRICS = ("rollout/score_mean", "rollout/score_std", "rollout/kl", "rol
 def rollout_means(accelerator: Any, rollout: Rollout, scored: ScoredRollout, shaped: ShapedRollout,
                   batch_size: int) -> dict[str, float]:
     """`ROLLOUT_METRICS` over the global batch of ``batch_size`` responses (the reward model's raw scores, the KL
-    per response, the length, the stop rate, the final scores) and ``sampled_tokens``, the tokens drawn per
-    response (the longest response's length: generation runs every row until the last stops); one reduce."""
+    per response, the length, the stop rate, the final scores), each reward function's mean score (``reward/*``)
+    and ``sampled_tokens``, the tokens drawn per response (the longest response's length: generation runs every
+    row until the last stops); one reduce."""
     mask = rollout.response_mask
     raw = scored.raw_scores
     per_sample = {
@@ -866,6 +895,7 @@ def rollout_means(accelerator: Any, rollout: Rollout, scored: ScoredRollout, sha
         "rollout/response_len": mask.sum(-1).float(), "rollout/eos_rate": rollout.stopped.float(),
         "rollout/reward_mean": shaped.scores,
         "sampled_tokens": torch.full_like(shaped.scores, float(rollout.response_ids.shape[1])),
+        **scored.function_scores,
     }
     totals = accelerator.reduce(torch.stack(list(per_sample.values())).double().sum(-1), "sum") / batch_size
     means = dict(zip(per_sample, totals.tolist()))
@@ -1148,12 +1178,18 @@ def save_outputs(accelerator: Any, prepared: Any, unwrapped: PolicyAndCritic, cf
 
 
 def final_scores(raw_scores: torch.Tensor, stopped: torch.Tensor, stats: dict[str, float] | None, *,
-                 missing_stop_penalty: float, clip: float | None) -> torch.Tensor:
-    """The sequence scores PPO optimises: reward-model scores normalised by ``stats`` (mean/std), minus the penalty
-    for responses that never produced a stop token, clipped to [-clip, clip]. [B] -> [B]."""
+                 missing_stop_penalty: float, clip: float | None, model_weight: float = 1.0,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The sequence scores PPO optimises: reward-model scores normalised by ``stats`` (mean/std) times
+    ``model_weight``, plus ``extra`` (the reward functions' weighted scores), minus the penalty for responses that
+    never produced a stop token, clipped to [-clip, clip]. [B] -> [B]."""
     scores = raw_scores.float()
     if stats is not None:
         scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
+    if model_weight != 1.0:
+        scores = scores * model_weight
+    if extra is not None:
+        scores = scores + extra
     scores = scores - missing_stop_penalty * (~stopped.bool()).float()
     if clip is not None:
         scores = scores.clamp(-clip, clip)

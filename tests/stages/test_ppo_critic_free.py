@@ -153,3 +153,29 @@ def test_resume_after_a_fault_matches_an_uninterrupted_run_bitwise(files, monkey
                           and k != "time"} for r in rows]
     assert drop(read_metrics(straight)) == drop(read_metrics(resumed))
     assert list_checkpoints(resumed)[-1] == 3
+
+
+def test_grpo_trains_on_rule_based_rewards_alone(files, monkeypatch):
+    from rlhf.scoring import RewardScorer
+
+    calls = []
+    original = RewardScorer.score
+
+    def score(self, prompts, prompt_ids, response_ids):
+        calls.append(len(prompts))
+        return original(self, prompts, prompt_ids, response_ids)
+
+    monkeypatch.setattr(RewardScorer, "score", score)
+    functions = '{"rlhf.demo.rules:positive_words": 1.0, "rlhf.demo.rules:complete_sentences": 0.5}'
+    out = ppo.run(config(files, "rules", "ppo.advantage_estimator=grpo", "rewards.reward_model_weight=0",
+                         f"rewards.functions={functions}"))
+    # The reward model scored the held-out evaluation (before and after) only, never a rollout.
+    assert sum(calls) == 2 * 4
+    rows = [r for r in read_metrics(out) if "rollout/reward_mean" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["rollout/score_mean"] == 0.0
+        penalty = 1.0 - row["rollout/eos_rate"]
+        expected = row["reward/positive_words"] + 0.5 * row["reward/complete_sentences"] - penalty
+        assert row["rollout/reward_mean"] == pytest.approx(expected, abs=1e-5)
+    assert not (out / "value").exists()
