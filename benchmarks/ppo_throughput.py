@@ -174,7 +174,8 @@ class Probe:
             if models.reference is not None:
                 models.reference.register_forward_hook(self._count("reference"))
             models.reward_model.register_forward_hook(self._count("reward"))
-            models.trained.critic.register_forward_hook(self._count("critic"))
+            if models.trained.critic is not None:  # the critic-free estimators build none
+                models.trained.critic.register_forward_hook(self._count("critic"))
             models.trained.policy.register_forward_hook(self._count("policy"))
         if self.profiler is not None:  # the profiled update has ended
             self.profiler.stop()

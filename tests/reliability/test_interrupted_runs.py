@@ -36,6 +36,13 @@ STAGES = {"pretrain": (pretrain, PretrainConfig), "sft": (sft, SFTConfig), "rewa
           "ppo": (ppo, PPOConfig)}
 #: Stages whose checkpoints are ours (checkpoints/step_N); the others' are the Trainer's (checkpoint-N).
 OWN_CHECKPOINTS = ("pretrain", "ppo")
+#: PPO with a critic-free estimator, run as "ppo-grpo": launch/ppo.py with these overrides, and no critic to save.
+VARIANTS = {"ppo-grpo": ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4"]}
+
+
+def stage_of(name: str) -> str:
+    """The stage a test case runs ("ppo" for "ppo-grpo")."""
+    return name.split("-")[0]
 
 pytestmark = pytest.mark.slow  # 12 launches of real launchers and the runs to compare with: about 8 minutes
 
@@ -66,8 +73,8 @@ def overrides(inputs, stage, name, steps):
             "arch.n_layer=2", "arch.n_embd=32", "arch.n_head=2", "seq_len=64", f"max_steps={steps}",
             "batch_size=8", "micro_batch_size=8", "eval_every=1000", "checkpoint.save_every=2",
             "checkpoint.keep_last=2"]
-    if stage == "ppo":
-        return common + [
+    if stage_of(stage) == "ppo":
+        return common + VARIANTS.get(stage, []) + [
             f"model.name_or_path={inputs['base']}", f"reward_model.name_or_path={inputs['rm']}",
             f"data.path={inputs['prompts.jsonl']}", f"data.eval_path={inputs['eval.jsonl']}", "rollout.batch_size=8",
             "rollout.max_new_tokens=8", "rollout.score_norm=none", f"ppo.num_updates={steps}", "ppo.ppo_epochs=1",
@@ -82,7 +89,7 @@ def overrides(inputs, stage, name, steps):
 
 def named_run(inputs, stage, name, steps):
     """The overrides of a run called ``name`` and its stage output directory."""
-    return overrides(inputs, stage, name, steps), inputs["root"] / name / stage
+    return overrides(inputs, stage, name, steps), inputs["root"] / name / stage_of(stage)
 
 
 def resume_and_compare(stage, args, straight_out):
@@ -92,13 +99,14 @@ def resume_and_compare(stage, args, straight_out):
 
 
 def launch(launcher, stage, args, env=None):
-    command = [*LAUNCHERS[launcher], str(REPO_ROOT / "launch" / f"{stage}.py"), *args]
+    command = [*LAUNCHERS[launcher], str(REPO_ROOT / "launch" / f"{stage_of(stage)}.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True)
 
 
 def run_in_process(stage, args):
+    stage = stage_of(stage)
     module, config_cls = STAGES[stage]
     # What the launchers start from: PPO and pretrain read their demo config unless given another.
     default = default_config_path(stage) if stage in OWN_CHECKPOINTS else None
@@ -127,15 +135,15 @@ def adopted_exit_statuses():
 
 
 def saved_steps(stage, out):
-    if stage in OWN_CHECKPOINTS:
+    if stage_of(stage) in OWN_CHECKPOINTS:
         return list_checkpoints(out)
     newest = last_trainer_checkpoint(out)
     return [int(Path(newest).name.split("-")[1])] if newest else []
 
 
 def final_losses(stage, out):
-    if stage in OWN_CHECKPOINTS:
-        parts = ("policy", "value") if stage == "ppo" else (".",)
+    if stage_of(stage) in OWN_CHECKPOINTS:
+        parts = {"ppo": ("policy", "value"), "ppo-grpo": ("policy",)}.get(stage, (".",))
         return {part: load_file(out / part / "model.safetensors") for part in parts}
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     return {"step": rows[-1]["step"], "loss": rows[-1]["train/loss"]}
@@ -143,7 +151,7 @@ def final_losses(stage, out):
 
 def assert_same_end(stage, resumed, straight):
     a, b = final_losses(stage, resumed), final_losses(stage, straight)
-    if stage in OWN_CHECKPOINTS:  # bitwise
+    if stage_of(stage) in OWN_CHECKPOINTS:  # bitwise
         for part in a:
             assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     else:
@@ -190,7 +198,7 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_stage_exits_75(input
 
 
 @pytest.mark.parametrize("point", ["checkpoint_write", "after_checkpoint"])
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "ppo-grpo"])
 def test_sigkill_at_a_checkpoint_keeps_the_previous_one_and_resume_matches(inputs, straight, stage, point):
     steps = 8
     args, out = named_run(inputs, stage, f"kill-{point}-{stage}", steps)
