@@ -588,10 +588,13 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     return UpdateResult(metrics, trained.bad, prompt_rows, batch.rollout, scored.raw_scores, generated)
 
 
-def first_rollout_stats(accelerator: Any, raw_scores: torch.Tensor) -> dict[str, float]:
+def first_rollout_stats(accelerator: Any, raw_scores: torch.Tensor) -> dict[str, float] | None:
     """``rollout.score_norm=first_rollout``: the mean and standard deviation of the first rollout's scores over all
-    processes, fixed from then on."""
+    processes, fixed from then on; None while a score is not finite (that update is skipped, and the next rollout's
+    scores set them)."""
     mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
+    if not (math.isfinite(mean.item()) and math.isfinite(var.item())):
+        return None
     return {"mean": mean.item(), "std": math.sqrt(var.item())}
 
 

@@ -179,3 +179,19 @@ def test_grpo_trains_on_rule_based_rewards_alone(files, monkeypatch):
         expected = row["reward/positive_words"] + 0.5 * row["reward/complete_sentences"] - penalty
         assert row["rollout/reward_mean"] == pytest.approx(expected, abs=1e-5)
     assert not (out / "value").exists()
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "reinforce_pp"])
+def test_a_non_finite_score_skips_one_update(files, monkeypatch, estimator):
+    """With ``rollout.score_norm=first_rollout`` too: the NaN of the first rollout must not become the scores'
+    normalisation, which would skip every later update."""
+    seen = {}
+    monkeypatch.setenv(FAULT_ENV, "nan_scores:1")
+    group = "rollout.samples_per_prompt=1" if estimator == "gae" else "rollout.samples_per_prompt=4"
+    out = ppo.run(config(files, f"nan-{estimator}", f"ppo.advantage_estimator={estimator}", group),
+                  on_update=lambda i, m: seen.__setitem__(i, {k: v.detach().clone()
+                                                              for k, v in m.trained.policy.state_dict().items()}))
+    rows = [r for r in read_metrics(out) if "ppo/skipped_updates" in r]
+    assert [r["ppo/skipped_updates"] for r in rows] == [1, 1]
+    assert rows[0]["ppo/optimizer_steps"] == 0 and rows[1]["ppo/optimizer_steps"] == 2
+    assert all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])  # the skipped update left the weights
