@@ -7,7 +7,7 @@
                                     [--eval-prompts 512] [--tuning-prompts 288]
 
     # smoke test
-    python benchmarks/algorithms.py --workdir /tmp/alg_smoke --grid small --seeds 1 --updates 2 \\
+    python benchmarks/algorithms.py --workdir benchmarks/.cache/algorithms-smoke --grid small --seeds 1 --updates 2 \\
         --methods gae grpo --eval-prompts 16 --tuning-prompts 16
 
 Methods: everything from ``configs/ppo/demo.yaml`` except ``ppo.advantage_estimator`` and the responses per prompt:
