@@ -352,6 +352,12 @@ def length_groups(lengths: Sequence[int], max_rows: int, *, equal_count: bool = 
     return groups[::-1]
 
 
+def chunks_in_order(count: int, max_rows: int) -> list[list[int]]:
+    """Row indices 0..count-1 in consecutive groups of ``max_rows`` (the last one shorter): passes without length
+    grouping."""
+    return [list(range(start, min(start + max_rows, count))) for start in range(0, count, max_rows)]
+
+
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int,
                     batch_size: int = 64, equal_count: bool = False, by_length: bool = True) -> torch.Tensor:
@@ -363,8 +369,7 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
     if by_length:
         groups = length_groups([len(s) for s in sequences], batch_size, equal_count=equal_count)
     else:
-        groups = [list(range(start, min(start + batch_size, len(sequences))))
-                  for start in range(0, len(sequences), batch_size)]
+        groups = chunks_in_order(len(sequences), batch_size)
     order = [i for group in groups for i in group]
     scores = []
     for group in groups:

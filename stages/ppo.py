@@ -592,10 +592,11 @@ def first_rollout_stats(accelerator: Any, raw_scores: torch.Tensor) -> dict[str,
     """``rollout.score_norm=first_rollout``: the mean and standard deviation of the first rollout's scores over all
     processes, fixed from then on; None while a score is not finite (that update is skipped, and the next rollout's
     scores set them)."""
-    mean, var = mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)), "sum"))
-    if not (math.isfinite(mean.item()) and math.isfinite(var.item())):
+    mean, var = (x.item() for x in mean_var(accelerator.reduce(moments(raw_scores, torch.ones_like(raw_scores)),
+                                                                 "sum")))
+    if not (math.isfinite(mean) and math.isfinite(var)):
         return None
-    return {"mean": mean.item(), "std": math.sqrt(var.item())}
+    return {"mean": mean, "std": math.sqrt(var)}
 
 
 def non_finite_input(accelerator: Any, rollout: Rollout, scored: ScoredRollout, shaped: ShapedRollout) -> str | None:

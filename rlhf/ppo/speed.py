@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf.models import length_groups
+from rlhf.models import chunks_in_order, length_groups
 from rlhf.onednn import packed_linears
 from rlhf.ppo.rollout import GenerationSettings
 
@@ -72,7 +72,7 @@ class SpeedPaths:
         or plain chunks in row order."""
         if self.by_length:
             return length_groups(lengths, max_rows, equal_count=equal_count)
-        return [list(range(start, min(start + max_rows, len(lengths)))) for start in range(0, len(lengths), max_rows)]
+        return chunks_in_order(len(lengths), max_rows)
 
     def micro_batch_order(self, rows: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
         """A minibatch's rows in the order they are cut into micro-batches: shortest first, or as drawn."""
