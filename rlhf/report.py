@@ -237,21 +237,28 @@ def render_curves(run_name: str, stages: dict[str, StageRecord]) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass
+class _PPOAxis:
+    """PPO's x axis: update steps scaled to episodes (responses) when the batch size is known."""
+
+    record: StageRecord
+    scale: int
+    label: str
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        steps, values = self.record.series(key)
+        return [step * self.scale for step in steps], values
+
+
 def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
     """The run's curves in eight panels (a) to (h): PPO over episodes, SFT and reward model over optimiser steps."""
     # The Figure API draws without pyplot and its global backend state, so a headless server or an open notebook
     # both work and nothing leaks between calls.
     from matplotlib.figure import Figure
 
-    ppo, sft, reward = stages["ppo"], stages["sft"], stages["reward"]
+    ppo = stages["ppo"]
     batch = rollout_batch_size(ppo)
-    scale = batch or 1
-    ppo_xlabel = f"episodes (updates \u00d7 {batch} responses)" if batch else "PPO update"
-
-    def ppo_series(key: str) -> tuple[list[float], list[float]]:
-        steps, values = ppo.series(key)
-        return [step * scale for step in steps], values
-
+    x = _PPOAxis(ppo, batch or 1, f"episodes (updates \u00d7 {batch} responses)" if batch else "PPO update")
     fig = Figure(figsize=(14, 18), layout="constrained")
     statuses = ", ".join(f"{name} {stages[name].status}" for name in REPORT_STAGES)
     fig.suptitle(f"RLHF run '{run_name}'   ({statuses})", fontsize=15, fontweight="bold")
@@ -268,126 +275,142 @@ def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
         ax.set_title(title)
         ax.grid(True, color="0.9", lw=0.8)
         ax.set_axisbelow(True)
+    _score_and_kl_panels(panels[0], panels[1], x)
+    _objective_panel(panels[2], x)
+    _length_panel(panels[3], x)
+    _loss_panel(panels[4], x)
+    _eval_panel(panels[5], x)
+    _sft_panel(panels[6], stages["sft"])
+    _reward_panel(panels[7], stages["reward"])
+    return fig
 
-    # (a) reward-model score of the rollouts, (b) KL to the reference policy
-    for ax, key, color, ylabel in ((panels[0], "rollout/score_mean", COLORS["score"], "RM score (mean over batch)"),
-                                   (panels[1], "rollout/kl", COLORS["kl"], "KL per response (nats)")):
-        if why := _missing(ppo, key):
+
+def _score_and_kl_panels(score_ax: Axes, kl_ax: Axes, x: _PPOAxis) -> None:
+    """(a) reward-model score of the rollouts, (b) KL to the reference policy."""
+    for ax, key, color, ylabel in ((score_ax, "rollout/score_mean", COLORS["score"], "RM score (mean over batch)"),
+                                   (kl_ax, "rollout/kl", COLORS["kl"], "KL per response (nats)")):
+        if why := _missing(x.record, key):
             _no_data(ax, why)
             continue
-        _legend(ax, _curve(ax, *ppo_series(key), color, key))
-        ax.set_xlabel(ppo_xlabel)
+        _legend(ax, _curve(ax, *x.series(key), color, key))
+        ax.set_xlabel(x.label)
         ax.set_ylabel(ylabel)
 
-    # (c) the objective PPO maximises: score - beta * KL (Ziegler et al. 2019, eq. 2), beta as logged per update
-    ax = panels[2]
-    if why := (_missing(ppo, "rollout/score_mean") or _missing(ppo, "rollout/kl")
-               or _missing(ppo, "ppo/kl_coef")):
-        _no_data(ax, why)
-    else:
-        score, kl, beta = (dict(zip(*ppo.series(key))) for key in ("rollout/score_mean", "rollout/kl", "ppo/kl_coef"))
-        steps = sorted(set(score) & set(kl) & set(beta))
-        objective = [score[step] - beta[step] * kl[step] for step in steps]
-        betas = {beta[step] for step in steps}
-        beta_text = f"\u03b2 = {betas.pop():.3g}" if len(betas) == 1 else "adaptive \u03b2"
-        label = f"score \u2212 \u03b2\u00b7KL, {beta_text}"
-        handles = _curve(ax, [step * scale for step in steps], objective, COLORS["rlhf_reward"], label)
-        ax.axhline(0.0, color="0.6", lw=0.8)
-        _legend(ax, handles)
-        ax.set_xlabel(ppo_xlabel)
-        ax.set_ylabel("reward")
 
-    # (d) response length and how often the policy stops on its own
-    ax = panels[3]
-    if why := _missing(ppo, "rollout/response_len"):
+def _objective_panel(ax: Axes, x: _PPOAxis) -> None:
+    """(c) the objective PPO maximises: score - beta * KL (Ziegler et al. 2019, eq. 2), beta as logged per update."""
+    ppo = x.record
+    if why := (_missing(ppo, "rollout/score_mean") or _missing(ppo, "rollout/kl") or _missing(ppo, "ppo/kl_coef")):
         _no_data(ax, why)
-    else:
-        handles = _curve(ax, *ppo_series("rollout/response_len"), COLORS["length"], "rollout/response_len")
-        ax.set_ylabel("tokens per response", color=COLORS["length"])
-        ax.tick_params(axis="y", colors=COLORS["length"])
-        if ppo.series("rollout/eos_rate")[0]:
-            right = _twin(ax, COLORS["eos"], "EOS rate")
-            handles += _curve(right, *ppo_series("rollout/eos_rate"), COLORS["eos"], "rollout/eos_rate")
-            right.set_ylim(top=1.02)
-        _legend(ax, handles)
-        ax.set_xlabel(ppo_xlabel)
+        return
+    score, kl, beta = (dict(zip(*ppo.series(key))) for key in ("rollout/score_mean", "rollout/kl", "ppo/kl_coef"))
+    steps = sorted(set(score) & set(kl) & set(beta))
+    objective = [score[step] - beta[step] * kl[step] for step in steps]
+    betas = {beta[step] for step in steps}
+    beta_text = f"\u03b2 = {betas.pop():.3g}" if len(betas) == 1 else "adaptive \u03b2"
+    label = f"score \u2212 \u03b2\u00b7KL, {beta_text}"
+    handles = _curve(ax, [step * x.scale for step in steps], objective, COLORS["rlhf_reward"], label)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    _legend(ax, handles)
+    ax.set_xlabel(x.label)
+    ax.set_ylabel("reward")
 
-    # (e) the two PPO losses, on their own scales
-    ax = panels[4]
+
+def _length_panel(ax: Axes, x: _PPOAxis) -> None:
+    """(d) response length and how often the policy stops on its own."""
+    if why := _missing(x.record, "rollout/response_len"):
+        _no_data(ax, why)
+        return
+    handles = _curve(ax, *x.series("rollout/response_len"), COLORS["length"], "rollout/response_len")
+    ax.set_ylabel("tokens per response", color=COLORS["length"])
+    ax.tick_params(axis="y", colors=COLORS["length"])
+    if x.record.series("rollout/eos_rate")[0]:
+        right = _twin(ax, COLORS["eos"], "EOS rate")
+        handles += _curve(right, *x.series("rollout/eos_rate"), COLORS["eos"], "rollout/eos_rate")
+        right.set_ylim(top=1.02)
+    _legend(ax, handles)
+    ax.set_xlabel(x.label)
+
+
+def _loss_panel(ax: Axes, x: _PPOAxis) -> None:
+    """(e) the two PPO losses, on their own scales; the policy loss alone without a critic."""
+    ppo = x.record
     if why := (_missing(ppo, "ppo/value_loss") and _missing(ppo, "ppo/policy_loss")):
         _no_data(ax, why)
-    else:
-        handles = []
-        if ppo.series("ppo/value_loss")[0]:
-            handles += _curve(ax, *ppo_series("ppo/value_loss"), COLORS["value_loss"], "ppo/value_loss")
-            ax.set_ylabel("value loss", color=COLORS["value_loss"])
-            ax.tick_params(axis="y", colors=COLORS["value_loss"])
-        else:  # a critic-free estimator: no critic, no value loss
-            ax.set_title("(e) PPO: policy loss (no critic)")
-            ax.set_yticks([])
-        if ppo.series("ppo/policy_loss")[0]:
-            right = _twin(ax, COLORS["policy_loss"], "policy loss")
-            handles += _curve(right, *ppo_series("ppo/policy_loss"), COLORS["policy_loss"], "ppo/policy_loss")
-            right.axhline(0.0, color=COLORS["policy_loss"], lw=0.6, ls=":")
-        _legend(ax, handles)
-        ax.set_xlabel(ppo_xlabel)
+        return
+    handles = []
+    if ppo.series("ppo/value_loss")[0]:
+        handles += _curve(ax, *x.series("ppo/value_loss"), COLORS["value_loss"], "ppo/value_loss")
+        ax.set_ylabel("value loss", color=COLORS["value_loss"])
+        ax.tick_params(axis="y", colors=COLORS["value_loss"])
+    else:  # a critic-free estimator: no critic, no value loss
+        ax.set_title("(e) PPO: policy loss (no critic)")
+        ax.set_yticks([])
+    if ppo.series("ppo/policy_loss")[0]:
+        right = _twin(ax, COLORS["policy_loss"], "policy loss")
+        handles += _curve(right, *x.series("ppo/policy_loss"), COLORS["policy_loss"], "ppo/policy_loss")
+        right.axhline(0.0, color=COLORS["policy_loss"], lw=0.6, ls=":")
+    _legend(ax, handles)
+    ax.set_xlabel(x.label)
 
-    # (f) held-out evaluations, logged at a few updates only
-    ax = panels[5]
-    if why := _missing(ppo, "eval/score_mean"):
+
+def _eval_panel(ax: Axes, x: _PPOAxis) -> None:
+    """(f) held-out evaluations, logged at a few updates only: the reward-model score and the gold judge's."""
+    if why := _missing(x.record, "eval/score_mean"):
         _no_data(ax, why)
-    else:
-        handles = _points(ax, *ppo_series("eval/score_mean"), COLORS["score"], "eval/score_mean")
-        ax.set_ylabel("RM score", color=COLORS["score"])
-        ax.tick_params(axis="y", colors=COLORS["score"])
-        golds = [key for key in ("eval/gold_combined", "eval/gold_positive") if ppo.series(key)[0]]
-        if golds:
-            right = _twin(ax, COLORS["gold_combined"], "gold judge (0 to 1)")
-            for key in golds:
-                handles += _points(right, *ppo_series(key), COLORS[key.split("/")[1]], key)
-                handles[-1].set_linestyle("--")
-            right.set_ylim(0.0, 1.02)
-        _legend(ax, handles)
-        ax.set_xlabel(ppo_xlabel)
+        return
+    handles = _points(ax, *x.series("eval/score_mean"), COLORS["score"], "eval/score_mean")
+    ax.set_ylabel("RM score", color=COLORS["score"])
+    ax.tick_params(axis="y", colors=COLORS["score"])
+    golds = [key for key in ("eval/gold_combined", "eval/gold_positive") if x.record.series(key)[0]]
+    if golds:
+        right = _twin(ax, COLORS["gold_combined"], "gold judge (0 to 1)")
+        for key in golds:
+            handles += _points(right, *x.series(key), COLORS[key.split("/")[1]], key)
+            handles[-1].set_linestyle("--")
+        right.set_ylim(0.0, 1.02)
+    _legend(ax, handles)
+    ax.set_xlabel(x.label)
 
-    # (g) SFT losses
-    ax = panels[6]
+
+def _sft_panel(ax: Axes, sft: StageRecord) -> None:
+    """(g) SFT losses."""
     if why := (_missing(sft, "train/loss") and _missing(sft, "eval/loss")):
         _no_data(ax, why)
-    else:
-        handles = []
-        if sft.series("train/loss")[0]:
-            handles += _curve(ax, *sft.series("train/loss"), COLORS["train_loss"], "train/loss")
-        if sft.series("eval/loss")[0]:
-            handles += _points(ax, *sft.series("eval/loss"), COLORS["eval_loss"], "eval/loss")
-        _legend(ax, handles)
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("cross-entropy loss")
+        return
+    handles = []
+    if sft.series("train/loss")[0]:
+        handles += _curve(ax, *sft.series("train/loss"), COLORS["train_loss"], "train/loss")
+    if sft.series("eval/loss")[0]:
+        handles += _points(ax, *sft.series("eval/loss"), COLORS["eval_loss"], "eval/loss")
+    _legend(ax, handles)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy loss")
 
-    # (h) reward model: loss and pairwise accuracy
-    ax = panels[7]
+
+def _reward_panel(ax: Axes, reward: StageRecord) -> None:
+    """(h) reward model: loss and pairwise accuracy."""
     if why := (_missing(reward, "train/loss") and _missing(reward, "eval/accuracy")):
         _no_data(ax, why)
-    else:
-        handles = []
-        if reward.series("train/loss")[0]:
-            handles += _curve(ax, *reward.series("train/loss"), COLORS["train_loss"], "train/loss")
-        if reward.series("eval/loss")[0]:
-            handles += _points(ax, *reward.series("eval/loss"), COLORS["eval_loss"], "eval/loss")
-        ax.set_ylabel("pairwise loss")
-        accuracies = [key for key in ("train/accuracy", "eval/accuracy") if reward.series(key)[0]]
-        if accuracies:
-            right = _twin(ax, COLORS["accuracy"], "accuracy (chosen > rejected)")
-            for key in accuracies:
-                draw = _points if key.startswith("eval/") else _curve
-                handles += draw(right, *reward.series(key), COLORS["accuracy"], key)
-                if key.startswith("train/"):
-                    handles[-1].set_alpha(0.55)
-                    handles[-1].set_linestyle("--")
-            right.axhline(0.5, color=COLORS["accuracy"], lw=0.6, ls=":")
-        _legend(ax, handles)
-        ax.set_xlabel("optimiser step")
-    return fig
+        return
+    handles = []
+    if reward.series("train/loss")[0]:
+        handles += _curve(ax, *reward.series("train/loss"), COLORS["train_loss"], "train/loss")
+    if reward.series("eval/loss")[0]:
+        handles += _points(ax, *reward.series("eval/loss"), COLORS["eval_loss"], "eval/loss")
+    ax.set_ylabel("pairwise loss")
+    accuracies = [key for key in ("train/accuracy", "eval/accuracy") if reward.series(key)[0]]
+    if accuracies:
+        right = _twin(ax, COLORS["accuracy"], "accuracy (chosen > rejected)")
+        for key in accuracies:
+            draw = _points if key.startswith("eval/") else _curve
+            handles += draw(right, *reward.series(key), COLORS["accuracy"], key)
+            if key.startswith("train/"):
+                handles[-1].set_alpha(0.55)
+                handles[-1].set_linestyle("--")
+        right.axhline(0.5, color=COLORS["accuracy"], lw=0.6, ls=":")
+    _legend(ax, handles)
+    ax.set_xlabel("optimiser step")
 
 
 def _fmt(value: Any) -> str:
