@@ -108,28 +108,43 @@ def run(cfg: EvaluateConfig) -> Path:
                 results[name] = sorted(gather_object(records), key=lambda r: r["index"])
 
         # 4. Summaries, pairwise win rates, the sample table, eval.json.
-        report: dict[str, Any] = {"num_prompts": len(texts), "settings": settings_cfg,
-                                  "sft": summarise_records(results["sft"], prefix=""),
-                                  "ppo": summarise_records(results["ppo"], prefix="")}
-        report["win_rate_reward_model"] = win_rate([r["score"] for r in results["ppo"]],
-                                                   [r["score"] for r in results["sft"]])
-        if use_gold:
-            report["win_rate_gold"] = win_rate([r["gold_combined"] for r in results["ppo"]],
-                                               [r["gold_combined"] for r in results["sft"]])
-        report["kl_ppo_to_reference"] = report["ppo"]["kl"]
-        metrics = {f"eval/{policy}/{k}": v for policy in ("sft", "ppo") for k, v in report[policy].items()}
-        metrics.update({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)})
-        stage.tracker.log(metrics, step=0)
-        if cfg.samples:
-            columns = ["prompt", "sft_response", "sft_score", "ppo_response", "ppo_score"]
-            rows = [[str(s["prompt"]), s["response"], s["score"], p["response"], p["score"]]
-                    for s, p in zip(results["sft"][: cfg.samples], results["ppo"][: cfg.samples])]
-            stage.tracker.log_table("eval_samples", columns, rows, step=0)
-        if state.is_main_process:
-            write_json_atomic(stage.output_dir / EVAL_FILE, report)
-            logger.info("evaluate: PPO wins %.3f of prompts under the reward model%s; KL to the reference %.3f",
-                        report["win_rate_reward_model"],
-                        f" and {report['win_rate_gold']:.3f} under the gold judge" if use_gold else "",
-                        report["kl_ppo_to_reference"])
+        report = comparison(results, num_prompts=len(texts), settings=settings_cfg, use_gold=use_gold)
+        metrics = record_comparison(cfg, stage, report, results, is_main_process=state.is_main_process)
         state.wait_for_everyone()
         return stage.complete(metrics, extra={"eval": report})
+
+
+def comparison(results: dict[str, list[dict[str, Any]]], *, num_prompts: int, settings: dict[str, Any],
+               use_gold: bool) -> dict[str, Any]:
+    """What eval.json holds: each policy's summary, PPO's win rates over the SFT policy under the reward model (and
+    the gold judge), and PPO's KL to the reference."""
+    report: dict[str, Any] = {"num_prompts": num_prompts, "settings": settings,
+                              "sft": summarise_records(results["sft"], prefix=""),
+                              "ppo": summarise_records(results["ppo"], prefix="")}
+    report["win_rate_reward_model"] = win_rate([r["score"] for r in results["ppo"]],
+                                               [r["score"] for r in results["sft"]])
+    if use_gold:
+        report["win_rate_gold"] = win_rate([r["gold_combined"] for r in results["ppo"]],
+                                           [r["gold_combined"] for r in results["sft"]])
+    report["kl_ppo_to_reference"] = report["ppo"]["kl"]
+    return report
+
+
+def record_comparison(cfg: EvaluateConfig, stage: Any, report: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+                      *, is_main_process: bool) -> dict[str, float]:
+    """Log the comparison's metrics and sample table, write eval.json (main process); returns the metrics."""
+    metrics = {f"eval/{policy}/{k}": v for policy in ("sft", "ppo") for k, v in report[policy].items()}
+    metrics.update({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)})
+    stage.tracker.log(metrics, step=0)
+    if cfg.samples:
+        columns = ["prompt", "sft_response", "sft_score", "ppo_response", "ppo_score"]
+        rows = [[str(s["prompt"]), s["response"], s["score"], p["response"], p["score"]]
+                for s, p in zip(results["sft"][: cfg.samples], results["ppo"][: cfg.samples])]
+        stage.tracker.log_table("eval_samples", columns, rows, step=0)
+    if is_main_process:
+        write_json_atomic(stage.output_dir / EVAL_FILE, report)
+        logger.info("evaluate: PPO wins %.3f of prompts under the reward model%s; KL to the reference %.3f",
+                    report["win_rate_reward_model"],
+                    f" and {report['win_rate_gold']:.3f} under the gold judge" if "win_rate_gold" in report else "",
+                    report["kl_ppo_to_reference"])
+    return metrics
