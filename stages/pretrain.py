@@ -206,11 +206,61 @@ def restore(directory: Path, model: torch.nn.Module, optimizer: Any, scheduler: 
     return int(trainer["step"]), float(trainer["first_loss"])
 
 
+def optimiser_and_schedule(cfg: PretrainConfig, model: torch.nn.Module, accelerator: Any) -> tuple[Any, Any]:
+    """AdamW (torch's fused kernel where it runs) and the learning-rate schedule over ``max_steps``."""
+    from transformers import get_scheduler
+
+    optim = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.adam_beta1,
+                                  optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay,
+                                  fused=fused_adamw(accelerator, accelerator.device.type) or None)
+    scheduler = get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=math.ceil(
+        optim.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
+    return optimizer, scheduler
+
+
+def train_step(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, batches: Iterator[Any],
+               accumulation: int, max_grad_norm: float) -> float:
+    """One optimiser step over ``accumulation`` micro-batches; returns the step's loss, the mean over processes."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    for _ in range(accumulation):
+        loss = model(**next(batches)).loss / accumulation
+        accelerator.backward(loss)
+        step_loss += loss.detach()
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, "mean").item()
+
+
+def checkpoint_or_stop(cfg: PretrainConfig, accelerator: Any, output_dir: Path, step: int, stop: Any, model: Any,
+                       optimizer: Any, scheduler: Any, first_loss: float) -> None:
+    """After optimiser step ``step``: every ``checkpoint.save_every`` steps, and on a stop request agreed by all
+    processes, checkpoints/step_<N>/ (weights, optimiser, scheduler, RNG, the step and the first loss; main
+    process); on a stop request then `StageInterrupted`."""
+    stopping = stop.agreed(accelerator.device) and step < cfg.max_steps
+    if not stopping and not (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+                             and step < cfg.max_steps):
+        return
+    if accelerator.is_main_process:
+        write_checkpoint(output_dir, step, {
+            "model": dict(accelerator.unwrap_model(model).state_dict()),
+            "trainer": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng_state(), "step": step, "first_loss": first_loss}},
+            keep_last=cfg.checkpoint.keep_last)
+    accelerator.wait_for_everyone()
+    fault_point("after_checkpoint", step)
+    if stopping:
+        raise StageInterrupted(f"pretrain stopped by a signal at step {step}; the checkpoint is in "
+                               f"{checkpoint_dir(output_dir, step)}. Rerun with checkpoint.resume=true to continue")
+
+
 def run(cfg: PretrainConfig) -> Path:
     """Train the tokenizer and the model, save both with the manifest; returns the output directory."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     accelerator = Accelerator()
     accumulation = cfg.accumulation_steps(accelerator.num_processes)
@@ -242,12 +292,7 @@ def run(cfg: PretrainConfig) -> Path:
         eval_loader = make_loader(cfg, tokenizer, eval_texts, shuffle=False, seed=cfg.seed) if eval_texts else None
 
         # 3. Optimiser and schedule.
-        optim = cfg.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, betas=(optim.adam_beta1,
-                                      optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay,
-                                      fused=fused_adamw(accelerator, accelerator.device.type) or None)
-        scheduler = get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=math.ceil(
-            optim.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
+        optimizer, scheduler = optimiser_and_schedule(cfg, model, accelerator)
         # The scheduler stays unprepared: accelerate would step it once per process, but max_steps counts optimiser
         # steps of the global batch whatever the number of processes.
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -268,17 +313,8 @@ def run(cfg: PretrainConfig) -> Path:
         progress = tqdm(range(start, cfg.max_steps), desc="pretrain", initial=start, total=cfg.max_steps,
                         disable=not accelerator.is_main_process)
         for step in progress:
-            step_loss = torch.zeros((), device=accelerator.device)
-            for _ in range(accumulation):
-                loss = model(**next(batches)).loss / accumulation
-                accelerator.backward(loss)
-                step_loss += loss.detach()
-            if optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = accelerator.reduce(step_loss, "mean").item()
+            last_loss = train_step(accelerator, model, optimizer, scheduler, batches, accumulation,
+                                   cfg.optim.max_grad_norm)
             if step == 0:
                 first_loss = last_loss
             done = step + 1
@@ -288,36 +324,23 @@ def run(cfg: PretrainConfig) -> Path:
             if eval_loader is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 eval_loss = evaluate_loss(model, eval_loader, accelerator)
                 stage.tracker.log({"eval/loss": eval_loss}, step=done)
-            stopping = stop.agreed(accelerator.device) and done < cfg.max_steps
-            if stopping or (cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0
-                            and done < cfg.max_steps):
-                if accelerator.is_main_process:
-                    write_checkpoint(stage.output_dir, done, {
-                        "model": dict(accelerator.unwrap_model(model).state_dict()),
-                        "trainer": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "rng": rng_state(), "step": done, "first_loss": first_loss}},
-                        keep_last=cfg.checkpoint.keep_last)
-                accelerator.wait_for_everyone()
-                fault_point("after_checkpoint", done)
-            if stopping:
-                raise StageInterrupted(f"pretrain stopped by a signal at step {done}; the checkpoint is in "
-                                       f"{checkpoint_dir(stage.output_dir, done)}. Rerun with checkpoint.resume=true "
-                                       "to continue")
+            checkpoint_or_stop(cfg, accelerator, stage.output_dir, done, stop, model, optimizer, scheduler,
+                               first_loss)
 
         # 5. Save the unwrapped model and the tokenizer, then the manifest.
         accelerator.wait_for_everyone()
-        metrics: dict[str, Any] = {
-            "train/first_loss": first_loss,
-            "train/loss": last_loss,
-            "eval/loss": eval_loss,
-            "num_parameters": num_params,
-            "steps": cfg.max_steps,
-            "time/train_s": time.perf_counter() - started,
-        }
-        if cfg.objective == "clm" and math.isfinite(eval_loss):
-            metrics["eval/perplexity"] = math.exp(eval_loss)
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(stage.output_dir)
-            tokenizer.save_pretrained(stage.output_dir)
-        return stage.complete(metrics, extra={"data": data.stats, "num_processes": accelerator.num_processes})
+        metrics: dict[str, Any] = {"train/first_loss": first_loss, "train/loss": last_loss, "eval/loss": eval_loss,
+                                   "num_parameters": num_params, "steps": cfg.max_steps,
+                                   "time/train_s": time.perf_counter() - started}
+        return finish(cfg, accelerator, stage, model, tokenizer, metrics, data.stats)
+
+
+def finish(cfg: PretrainConfig, accelerator: Any, stage: StageRun, model: Any, tokenizer: Any,
+           metrics: dict[str, Any], data_stats: dict[str, Any]) -> Path:
+    """The trained model (unwrapped) and the tokenizer, saved by the main process, then the manifest."""
+    if cfg.objective == "clm" and math.isfinite(metrics["eval/loss"]):
+        metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(stage.output_dir)
+        tokenizer.save_pretrained(stage.output_dir)
+    return stage.complete(metrics, extra={"data": data_stats, "num_processes": accelerator.num_processes})
