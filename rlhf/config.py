@@ -716,8 +716,9 @@ class RolloutConfig:
     )
     score_norm: Literal["none", "reward_stats", "first_rollout"] = option(
         "reward_stats",
-        doc="Normalise scores: none; reward_stats (mean/std stored by the reward stage); first_rollout (mean/std of "
-            "the first rollout's scores, then fixed).",
+        doc="Normalise the reward model's scores: none; reward_stats (mean/std stored by the reward stage); "
+            "first_rollout (mean/std of the first rollout's scores, then fixed). Not applied to the reward functions' "
+            "scores; without a reward model in training (rewards.reward_model_weight=0) it has no effect.",
     )
     score_clip: float | None = option(None, doc="Clip normalised scores to [-score_clip, score_clip].", gt=0)
     micro_batch_size: int = option(64, doc="Sequences per generation and scoring pass on one process.", ge=1,
@@ -739,7 +740,7 @@ class RewardsConfig:
             "reward/<function>.")
     reward_model_weight: float = option(
         1.0, doc="Weight of the reward model's normalised score; 0 trains on the functions alone (the reward model "
-                 "then still scores the held-out evaluation).", ge=0)
+                 "then scores only the held-out evaluation; with eval.reward_model=false too, none is loaded).", ge=0)
 
 
 @dataclass
@@ -805,6 +806,11 @@ class EvalConfig:
                                "before and after.", ge=0, semantic=False)
     num_prompts: int = option(512, doc="Held-out prompts per evaluation.", ge=1)
     gold_judge: bool = option(True, doc="Also score with the demo's gold judge (plain-text demo prompts only).")
+    reward_model: bool = option(
+        True,
+        doc="Score the held-out responses with the reward model (eval/score_mean). False, with "
+            "rewards.reward_model_weight=0, loads no reward model at all: a run on reward functions alone needs none. "
+            "The reward functions always score the held-out responses too (eval/reward/<function>).")
     samples: int = option(16, doc="Rows of the sample table logged per evaluation.", ge=0, semantic=False)
 
 
@@ -865,6 +871,11 @@ class PPOConfig(StageConfig):
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
 
     @property
+    def uses_reward_model(self) -> bool:
+        """Whether the run loads the reward model: for training (its weight above 0) or the held-out evaluation."""
+        return bool(self.rewards.reward_model_weight) or self.eval.reward_model
+
+    @property
     def has_critic(self) -> bool:
         """Whether the advantages need a learned value function (GAE) or come from the rewards alone."""
         return self.ppo.advantage_estimator == "gae"
@@ -909,6 +920,9 @@ class PPOConfig(StageConfig):
         if not self.rewards.reward_model_weight and not self.rewards.functions:
             raise ConfigError("rewards.reward_model_weight=0 with no rewards.functions leaves nothing to train on; "
                               "add a reward function or set the weight above 0")
+        if not self.uses_reward_model and self.ppo.critic_init == "reward":
+            raise ConfigError("ppo.critic_init=reward needs the reward model, which this run does not load "
+                              "(rewards.reward_model_weight=0, eval.reward_model=false); set ppo.critic_init=policy")
         if estimator in ("grpo", "rloo") and group < 2:
             raise ConfigError(f"ppo.advantage_estimator={estimator} compares the responses to one prompt: set "
                               "rollout.samples_per_prompt to 2 or more (e.g. 4)")
@@ -921,7 +935,8 @@ class PPOConfig(StageConfig):
 
     def input_paths(self) -> dict[str, str]:
         return {"model": self.policy_path, "tokenizer": self.model.tokenizer_name_or_path or "",
-                "reward_model": self.reward_path, "data": self.data.path, "eval_data": self.data.eval_path or ""}
+                "reward_model": self.reward_path if self.uses_reward_model else "", "data": self.data.path,
+                "eval_data": self.data.eval_path or ""}
 
 
 @dataclass
@@ -967,11 +982,6 @@ class EvaluateConfig(StageConfig):
     @property
     def reward_path(self) -> str:
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
-
-    @property
-    def has_critic(self) -> bool:
-        """Whether the advantages need a learned value function (GAE) or come from the rewards alone."""
-        return self.ppo.advantage_estimator == "gae"
 
     def input_paths(self) -> dict[str, str]:
         # This run's PPO output as a whole (its fingerprint names the policy and the training settings read from it).

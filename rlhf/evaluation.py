@@ -1,5 +1,5 @@
-"""Held-out evaluation of a policy: generate on held-out prompts, score with the reward model (and, on the demo
-task, the gold judge), and measure the KL to the reference.
+"""Held-out evaluation of a policy: generate on held-out prompts, score with the reward model, the reward functions
+(and, on the demo task, the gold judge), and measure the KL to the reference.
 
 Used by the PPO stage every few updates and at the end, and by the evaluation stage. Each process evaluates the
 prompts whose indices it is given; :func:`summarise_records` turns the gathered records into metrics.
@@ -14,6 +14,7 @@ import torch
 
 from rlhf.ppo.rollout import GenerationSettings, generate, policy_forward
 from rlhf.ppo.sampling import sample_uniforms
+from rlhf.rewards import WeightedReward, score_responses
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted
 from rlhf.text import PromptLike, TextContract
@@ -40,11 +41,13 @@ def encode_prompts(contract: TextContract, prompts: Sequence[PromptLike], max_pr
 def evaluate_policy(
     policy: Any,
     reference_logprobs: LogprobFn,
-    scorer: RewardScorer,
+    scorer: RewardScorer | None,
     prompts: EvalPrompts,
     indices: Sequence[int],
     settings: GenerationSettings,
     *,
+    contract: TextContract | None = None,
+    rewards: Sequence[WeightedReward] = (),
     seed: int,
     device: Any,
     batch_size: int = 64,
@@ -52,15 +55,16 @@ def evaluate_policy(
     progress: str | None = None,
     stop: Any = None,
 ) -> list[dict[str, Any]]:
-    """One record per prompt index: prompt, response text, reward-model score, KL to the reference (sum over the
+    """One record per prompt index: prompt, response text, reward-model score (without a ``scorer``: none), each
+    reward function's score (by its metric name, ``reward/<function>``), KL to the reference (sum over the
     response's tokens of log p - log p_ref, at the sampling temperature), length, whether it stopped, and with
-    ``gold_judge`` the demo judge's reading. Samples use the "eval" random stream, so the same prompt index gets the
+    ``gold_judge`` the demo judge's reading. ``contract``: the policy's text contract (default: the scorer's). Samples use the "eval" random stream, so the same prompt index gets the
     same uniforms in every evaluation and on any number of processes. ``progress``: the label of a progress bar (give
     it on the main process only). ``stop``: a `rlhf.signals.StopRequest`, checked before each batch on every
     process; a stop raises `rlhf.signals.StageInterrupted` (nothing is kept: evaluation has no checkpoints)."""
     from tqdm.auto import tqdm
 
-    contract = scorer.policy_contract
+    contract = contract or scorer.policy_contract
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(indices), desc=progress, unit="prompt", leave=False, disable=progress is None)
     for start in range(0, len(indices), batch_size):
@@ -79,10 +83,14 @@ def evaluate_policy(
         kl = ((logprobs - ref_logprobs) * mask).sum(-1).float().cpu()
         responses = rollout.response_lists()
         raw_prompts = [prompts.prompts[i] for i in chunk]
-        scores = scorer.score(raw_prompts, ids, responses)
+        scores = scorer.score(raw_prompts, ids, responses) if scorer is not None else None
+        decoded = [contract.decode_response(response) for response in responses]
+        function_scores = score_responses(rewards, raw_prompts, [text for text, _ in decoded])
         for row, index in enumerate(chunk):
-            text, stopped = contract.decode_response(responses[row])
-            record = {"index": index, "prompt": raw_prompts[row], "response": text, "score": scores[row].item(),
+            text, stopped = decoded[row]
+            record = {"index": index, "prompt": raw_prompts[row], "response": text,
+                      **({"score": scores[row].item()} if scores is not None else {}),
+                      **{name: values[row].item() for name, values in function_scores.items()},
                       "kl": kl[row].item(), "length": len(responses[row]), "stopped": bool(stopped)}
             if gold_judge:
                 from rlhf.demo.judge import judge
@@ -98,7 +106,8 @@ def evaluate_policy(
 
 
 def summarise_records(records: Sequence[dict[str, Any]], prefix: str = "eval/") -> dict[str, float]:
-    """Means over the records: score, KL, length, stop (EOS) rate and, when present, the gold judge's parts."""
+    """Means over the records: reward-model score (when scored), KL, length, stop (EOS) rate and, when present,
+    each reward function's score and the gold judge's parts."""
     if not records:
         return {}
     n = len(records)
@@ -106,8 +115,10 @@ def summarise_records(records: Sequence[dict[str, Any]], prefix: str = "eval/") 
     def mean(key: str) -> float:
         return sum(float(r[key]) for r in records) / n
 
-    out = {f"{prefix}score_mean": mean("score"), f"{prefix}kl": mean("kl"), f"{prefix}response_len": mean("length"),
-           f"{prefix}eos_rate": mean("stopped"), f"{prefix}num_prompts": float(n)}
+    out = {f"{prefix}score_mean": mean("score")} if "score" in records[0] else {}
+    out.update({f"{prefix}kl": mean("kl"), f"{prefix}response_len": mean("length"),
+                f"{prefix}eos_rate": mean("stopped"), f"{prefix}num_prompts": float(n)})
+    out.update({f"{prefix}{key}": mean(key) for key in records[0] if key.startswith("reward/")})
     for key in ("gold_combined", "gold_positive", "gold_grammatical", "gold_repetition", "gold_concise"):
         if key in records[0]:
             out[f"{prefix}{key}"] = mean(key)

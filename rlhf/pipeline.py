@@ -677,8 +677,10 @@ def build_missing_upstream(cfg: Any) -> list[str]:
     safely run them in one launch; then the error names the command to run first. Returns the stages built."""
     from rlhf.runtime import distributed_state
 
-    needed = [name for name, path in (("sft", cfg.model.name_or_path), ("reward", cfg.reward_model.name_or_path))
-              if not path]
+    upstream = [("sft", cfg.model.name_or_path)]
+    if cfg.uses_reward_model:  # a run on reward functions alone needs no reward stage
+        upstream.append(("reward", cfg.reward_model.name_or_path))
+    needed = [name for name, path in upstream if not path]
     built = []
     for name in needed:
         manifest = read_manifest(stage_output_dir(cfg.run_dir, name))
@@ -731,14 +733,16 @@ def run_with_upstream(cfg: Any, run_ppo: Callable[[Any], Path]) -> Path:
 def summary_table(metrics: dict[str, Any], built: list[str]) -> str:
     """Held-out figures before (the SFT policy) and after PPO, one line each."""
     lines = [f"built first: {', '.join(built)}"] if built else []
-    lines.append(f"{'held-out':<22}{'before':>10}{'after':>10}")
-    for key in ("score_mean", "kl", "eos_rate", "response_len", "gold_combined", "gold_positive",
+    functions = sorted({k.split("/", 1)[1] for k in metrics if k.startswith(("initial/reward/", "final/reward/"))})
+    width = max([22] + [len(name) + 2 for name in functions])
+    lines.append(f"{'held-out':<{width}}{'before':>10}{'after':>10}")
+    for key in ("score_mean", *functions, "kl", "eos_rate", "response_len", "gold_combined", "gold_positive",
                 "gold_grammatical", "gold_repetition", "gold_concise"):
         before, after = metrics.get(f"initial/{key}"), metrics.get(f"final/{key}")
         if before is None and after is None:
             continue
         fmt = lambda v: f"{v:10.3f}" if isinstance(v, (int, float)) else f"{'-':>10}"  # noqa: E731
-        lines.append(f"{key:<22}{fmt(before)}{fmt(after)}")
+        lines.append(f"{key:<{width}}{fmt(before)}{fmt(after)}")
     lines.append(f"time: rollout {metrics.get('time/rollout_s', 0):.1f} s, train {metrics.get('time/train_s', 0):.1f} s, "
                  f"{metrics.get('perf/tokens_per_s', 0):.0f} tokens/s")
     return "\n".join(lines)

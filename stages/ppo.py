@@ -228,9 +228,9 @@ def load_score_stats(cfg: PPOConfig) -> dict[str, float] | None:
 
 
 def build_critic(cfg: PPOConfig, policy_tokenizer: Any, reward_tokenizer: Any, reward_is_encoder: bool,
-                 scorer: RewardScorer) -> tuple[torch.nn.Module, str]:
-    """The critic and where it came from ("reward" or "policy")."""
-    can_use_reward = not reward_is_encoder and scorer.shares_tokens
+                 scorer: RewardScorer | None) -> tuple[torch.nn.Module, str]:
+    """The critic and where it came from ("reward" or "policy"; "policy" when the run loads no reward model)."""
+    can_use_reward = scorer is not None and not reward_is_encoder and scorer.shares_tokens
     source = cfg.ppo.critic_init
     if source == "auto":
         source = "reward" if can_use_reward else "policy"
@@ -298,7 +298,7 @@ class PPOModels:
 
     trained: PolicyAndCritic
     reference: torch.nn.Module | None
-    reward_model: torch.nn.Module
+    reward_model: torch.nn.Module | None  # None when the run loads none
 
 
 #: Logged with every update: rollouts so far, the x axis of the W&B charts.
@@ -365,7 +365,7 @@ class Inputs:
     and the sampling settings."""
 
     policy_cfg: Any
-    reward_cfg: Any
+    reward_cfg: Any  # None: the run loads no reward model (`PPOConfig.uses_reward_model`), nor the two below
     tokenizer: Any
     contract: TextContract
     reward_tokenizer: Any
@@ -384,20 +384,22 @@ def read_inputs(cfg: PPOConfig, state: Any) -> Inputs:
     load. A resumed run's logs are cut back to its checkpoint first."""
     if not cfg.model.name_or_path:
         require_complete(cfg.policy_path, stage="sft", how_to_build=f"accelerate launch launch/sft.py run_dir={cfg.run_dir}")
-    if not cfg.reward_model.name_or_path:
+    if not cfg.reward_model.name_or_path and cfg.uses_reward_model:
         require_complete(cfg.reward_path, stage="reward",
                          how_to_build=f"accelerate launch launch/reward.py run_dir={cfg.run_dir}")
     policy_cfg = speed.model_config(cfg, dataclasses.replace(cfg.model, name_or_path=cfg.policy_path))
-    reward_cfg = speed.model_config(cfg, dataclasses.replace(cfg.reward_model, name_or_path=cfg.reward_path))
     check_model_source(policy_cfg, key="model.name_or_path")
-    check_model_source(reward_cfg, key="reward_model.name_or_path")
     tokenizer = load_tokenizer(policy_cfg)
     tokenizer.padding_side = "left"
     contract = TextContract.from_tokenizer(tokenizer)
-    reward_tokenizer = load_tokenizer(reward_cfg)
-    reward_is_encoder = is_encoder(cfg.reward_path)
+    reward_cfg, reward_tokenizer, reward_is_encoder = None, None, False
+    if cfg.uses_reward_model:
+        reward_cfg = speed.model_config(cfg, dataclasses.replace(cfg.reward_model, name_or_path=cfg.reward_path))
+        check_model_source(reward_cfg, key="reward_model.name_or_path")
+        reward_tokenizer = load_tokenizer(reward_cfg)
+        reward_is_encoder = is_encoder(cfg.reward_path)
     train_prompts, eval_prompts, data_stats = load_prompts(cfg, contract)
-    score_stats = load_score_stats(cfg)
+    score_stats = load_score_stats(cfg) if cfg.uses_reward_model else None
     resume_from = latest_checkpoint(output_dir_of(cfg)) if cfg.checkpoint.resume else None
     if resume_from is not None and state.is_main_process:
         # The resumed run rewrites what came after its checkpoint; the logs must not hold those rows twice.
@@ -424,21 +426,26 @@ class Models:
     trainable: int
 
     def view(self) -> PPOModels:
-        return PPOModels(self.training.unwrapped, self.scoring.reference, self.scoring.scorer.model)
+        scorer = self.scoring.scorer
+        return PPOModels(self.training.unwrapped, self.scoring.reference, scorer.model if scorer is not None else None)
 
 
 def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: BatchLayout) -> Models:
-    """Policy (+ adapters), reference (a frozen copy, or none with LoRA), reward model and critic; policy and critic
-    as one module under accelerate with one optimiser and its schedule; the speed paths the run takes."""
+    """Policy (+ adapters), reference (a frozen copy, or none with LoRA), reward model (when the run uses one) and
+    critic; policy and critic as one module under accelerate with one optimiser and its schedule; the speed paths
+    the run takes."""
     # Loaded, not deep-copied: under ZeRO-3 the policy's parameters are already partitioned at load time.
     policy = load_causal_lm(inputs.policy_cfg)
     reference = None if is_lora(cfg) else frozen(load_causal_lm(inputs.policy_cfg))
-    reward_model = frozen(load_sequence_scorer(inputs.reward_cfg, pad_token_id=inputs.reward_tokenizer.pad_token_id))
     # Under ZeRO-3 every forward gathers weights from all processes: the same number of passes on each.
     zero3 = zero_stage(accelerator) == 3
-    scorer = RewardScorer(reward_model, inputs.reward_tokenizer, policy_contract=inputs.contract,
-                          is_encoder=inputs.reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
-                          equal_count=zero3, by_length=cfg.speed_paths)
+    scorer = None
+    if inputs.reward_cfg is not None:
+        reward_model = frozen(load_sequence_scorer(inputs.reward_cfg,
+                                                   pad_token_id=inputs.reward_tokenizer.pad_token_id))
+        scorer = RewardScorer(reward_model, inputs.reward_tokenizer, policy_contract=inputs.contract,
+                              is_encoder=inputs.reward_is_encoder, batch_size=cfg.rollout.micro_batch_size,
+                              equal_count=zero3, by_length=cfg.speed_paths)
     critic, critic_source = None, "none"  # the critic-free estimators build, load and train none
     if cfg.has_critic:
         critic, critic_source = build_critic(cfg, inputs.tokenizer, inputs.reward_tokenizer,
@@ -459,7 +466,8 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
                                                   fused=fused_adamw(accelerator, accelerator.device.type))
     model, optimizer = accelerator.prepare(model, optimizer)
     reference = prepare_frozen(accelerator, reference) if reference is not None else None
-    scorer.model = prepare_frozen(accelerator, reward_model)
+    if scorer is not None:
+        scorer.model = prepare_frozen(accelerator, scorer.model)
     unwrapped = accelerator.unwrap_model(model)
     paths = SpeedPaths.chosen(cfg, pack_trained=onednn_linears(accelerator, cfg.model),
                               pack_reward=onednn_linears(accelerator, cfg.reward_model),
@@ -469,13 +477,13 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
                         pad_token_id=inputs.tokenizer.pad_token_id)
     critic_head = score_module(unwrapped.critic) if unwrapped.critic is not None else None
     scoring = Scoring(accelerator, unwrapped, reference, scorer, critic_head, paths,
-                      paths.generation(inputs.settings), temperature=cfg.rollout.temperature or 1.0,
+                      paths.generation(inputs.settings), inputs.contract, temperature=cfg.rollout.temperature or 1.0,
                       micro_batch_size=cfg.rollout.micro_batch_size, equal_count=zero3,
                       rewards=inputs.reward_functions, reward_model_weight=cfg.rewards.reward_model_weight)
     # The models, tokenizers and prompts live for the whole run.
     paths.settle_heap()
     logger.info("ppo: %d processes, %d rollouts each per update, minibatch %d in %d micro-batches; %d of %d "
-                "parameters train; advantages: %s; critic from the %s model; reference: %s; speed paths: %s",
+                "parameters train; advantages: %s; critic: %s; reference: %s; speed paths: %s",
                 accelerator.num_processes, layout.rollouts, layout.minibatch, layout.micro_batches, trainable, total,
                 cfg.ppo.advantage_estimator, critic_source,
                 "policy with adapters disabled" if reference is None else "frozen copy", paths.describe())
@@ -654,8 +662,10 @@ class Evaluator:
         indices = list(range(accelerator.process_index, len(self.prompts.prompts), accelerator.num_processes))
         scoring.unwrapped.eval()
         with gathered_for_generation(accelerator, scoring.unwrapped.policy), scoring.inference():
-            records = evaluate_policy(scoring.unwrapped.policy, scoring.reference_logprobs, scoring.scorer,
-                                      self.prompts, indices, scoring.settings, seed=cfg.seed,
+            records = evaluate_policy(scoring.unwrapped.policy, scoring.reference_logprobs,
+                                      scoring.scorer if cfg.eval.reward_model else None, self.prompts, indices,
+                                      scoring.settings, contract=scoring.contract, rewards=scoring.rewards,
+                                      seed=cfg.seed,
                                       device=accelerator.device, batch_size=cfg.rollout.micro_batch_size,
                                       gold_judge=self.use_gold,
                                       progress=f"held-out eval (update {update})" if accelerator.is_main_process
@@ -664,7 +674,8 @@ class Evaluator:
         metrics = summarise_records(records)
         self.tracker.log({**metrics, EPISODE_METRIC: update * cfg.rollout.batch_size}, step=update)
         if cfg.eval.samples:
-            columns = ["prompt", "response", "score", "kl"] + (["gold_combined"] if self.use_gold else [])
+            columns = ["prompt", "response", *(["score"] if "score" in records[0] else []), "kl",
+                       *(["gold_combined"] if self.use_gold else [])]
             self.tracker.log_table("eval_samples", columns,
                                    [[str(r[c]) if c == "prompt" else r[c] for c in columns]
                                     for r in records[: cfg.eval.samples]], step=update)
@@ -712,18 +723,20 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
 @dataclasses.dataclass
 class Scoring:
     """What scores a rollout: the unwrapped policy + critic (and the critic's head), the reference (None: the policy
-    with its adapters disabled), the reward model's scorer; the speed paths taken (whether the rollout's log-probs
-    serve as the old ones, packing, length groups); how responses are sampled; the sampling temperature; rows per
+    with its adapters disabled), the reward model's scorer (None: the run loads none); the speed paths taken
+    (whether the rollout's log-probs serve as the old ones, packing, length groups); how responses are sampled and
+    decoded (the policy's text contract); the sampling temperature; rows per
     pass, and whether every process must run as many passes (ZeRO-3); the reward functions, and the reward model's
     weight (0: its pass is left out)."""
 
     accelerator: Any
     unwrapped: PolicyAndCritic
     reference: torch.nn.Module | None
-    scorer: RewardScorer
+    scorer: RewardScorer | None
     critic_head: torch.nn.Module
     speed: SpeedPaths
     settings: GenerationSettings
+    contract: TextContract
     temperature: float
     micro_batch_size: int
     equal_count: bool
@@ -732,7 +745,8 @@ class Scoring:
 
     def inference(self) -> contextlib.ExitStack:
         """The block generation and scoring run in (no weight changes inside it)."""
-        return self.speed.inference(self.unwrapped, self.reference, self.scorer.model)
+        return self.speed.inference(self.unwrapped, self.reference,
+                                    self.scorer.model if self.scorer is not None else None)
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, r: int) -> torch.Tensor:
         """The reference's log-probs of the last ``r`` tokens at the sampling temperature. [B, r]."""
@@ -802,7 +816,7 @@ def reward_function_scores(scoring: Scoring, rollout: Rollout, prompts: list[Any
     weighted sum; ``({}, None)`` without functions."""
     if not scoring.rewards:
         return {}, None
-    contract, device = scoring.scorer.policy_contract, rollout.response_ids.device
+    contract, device = scoring.contract, rollout.response_ids.device
     responses = [contract.decode_response(ids)[0] for ids in rollout.response_lists()]
     scores = {name: t.to(device) for name, t in score_responses(scoring.rewards, prompts, responses).items()}
     total = torch.stack([reward.weight * scores[reward.metric] for reward in scoring.rewards]).sum(0)

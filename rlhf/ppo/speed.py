@@ -56,7 +56,7 @@ class SpeedPaths:
                    reserved_cache=True, by_length=True, freeze_heap=True)
 
     def inference(self, trained: torch.nn.Module, reference: torch.nn.Module | None,
-                  reward_model: torch.nn.Module) -> contextlib.ExitStack:
+                  reward_model: torch.nn.Module | None) -> contextlib.ExitStack:
         """A block for generation and scoring, where no weight changes: the models' linears packed as chosen."""
         block = contextlib.ExitStack()
         block.enter_context(packed_linears(trained, reference, enabled=self.pack_trained))

@@ -3,6 +3,8 @@ the KL as a loss term, the loss aggregations, resume."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -179,6 +181,40 @@ def test_grpo_trains_on_rule_based_rewards_alone(files, monkeypatch):
         expected = row["reward/positive_words"] + 0.5 * row["reward/complete_sentences"] - penalty
         assert row["rollout/reward_mean"] == pytest.approx(expected, abs=1e-5)
     assert not (out / "value").exists()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
+def test_a_run_on_reward_functions_alone_loads_no_reward_model(files, monkeypatch, estimator):
+    """No reward output in the run directory and none given: with its weight 0 and eval.reward_model=false the run
+    needs none. The held-out evaluation reports the functions' scores; with gae the critic starts from the policy."""
+    from rlhf import pipeline
+    from rlhf.scoring import RewardScorer
+
+    built = []
+    monkeypatch.setattr(RewardScorer, "__init__", lambda self, *a, **k: built.append(a))
+    functions = '{"rlhf.demo.rules:positive_words": 1.0}'
+    group = "rollout.samples_per_prompt=1" if estimator == "gae" else "rollout.samples_per_prompt=4"
+    cfg = config(files, f"no-rm-{estimator}", f"ppo.advantage_estimator={estimator}", group, "reward_model.name_or_path=",
+                 "rewards.reward_model_weight=0", "eval.reward_model=false", f"rewards.functions={functions}")
+    assert not (Path(cfg.run_dir) / "reward").exists()
+    assert pipeline.build_missing_upstream(cfg) == []  # the SFT output is given; no reward stage is built
+    out = ppo.run(cfg)
+    assert built == []
+    manifest = read_manifest(out)
+    assert "reward_model" not in manifest["inputs"] and "model" in manifest["inputs"]
+    assert manifest["critic_init"] == ("policy" if estimator == "gae" else "none")
+    evals = [r for r in read_metrics(out) if "eval/kl" in r]
+    assert len(evals) == 2
+    for row in evals:
+        assert "eval/score_mean" not in row and 0.0 <= row["eval/reward/positive_words"] <= 1.0
+    assert "final/reward/positive_words" in manifest["metrics"]
+    assert "final/score_mean" not in manifest["metrics"]
+
+
+def test_without_a_reward_model_the_critic_cannot_start_from_one(files):
+    with pytest.raises(ConfigError, match="ppo.critic_init=policy"):
+        config(files, "x", "rewards.reward_model_weight=0", "eval.reward_model=false", "ppo.critic_init=reward",
+               'rewards.functions={"rlhf.demo.rules:positive_words": 1.0}').validate()
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "reinforce_pp"])
