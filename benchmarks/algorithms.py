@@ -1,8 +1,11 @@
 """The algorithm table on the gold-judged demo: PPO (``gae``), GRPO, RLOO and REINFORCE++ trained by
 ``launch/ppo.py`` from the same demo SFT and reward outputs, at the same number of sampled responses per update
-(``rollout.batch_size`` 64) and the same number of updates (the demo config's 60), each tuned on the same grid.
+(``rollout.batch_size`` 64) and the same number of updates (the demo config's 60), each tuned on the same grid; and
+DPO (``launch/dpo.py``, ``configs/dpo/demo.yaml``) from the same SFT output on the preference pairs the reward model
+was trained on, with a grid of the same size, evaluated by ``launch/evaluate.py`` on the same prompts with the same
+sampling settings and random streams.
 
-    python benchmarks/algorithms.py [--sft DIR --reward DIR] [--workdir DIR] [--methods gae grpo rloo reinforce_pp]
+    python benchmarks/algorithms.py [--sft DIR --reward DIR] [--workdir DIR] [--methods gae grpo rloo reinforce_pp dpo]
                                     [--seeds 1 2 3 4 5] [--grid full|small] [--updates N]
                                     [--eval-prompts 512] [--tuning-prompts 288]
 
@@ -17,7 +20,9 @@ Inputs: ``--sft`` / ``--reward``, else ``runs/demo/sft`` and ``runs/demo/reward`
 demo's built into ``WORKDIR/run`` (``quality_vs_trl.build_inputs``).
 
 Tuning (the same budget for every method): the grid ``GRIDS["full"]``, ``optim.learning_rate`` in {1.5e-4, 3e-4} x
-``ppo.kl_coef`` in {0.05, 0.15, 0.3}, six configs (``--grid small``: 1.5e-4 x 0.15 only, for smoke tests). Tuning
+``ppo.kl_coef`` in {0.05, 0.15, 0.3}, six configs (``--grid small``: 1.5e-4 x 0.15 only, for smoke tests); for DPO
+``DPO_GRIDS["full"]``, ``beta`` (its KL control) in {0.1, 0.3, 1.0} x ``sft_loss_weight`` in {0, 1}, six configs at
+the demo config's learning rate (``--grid small``: beta 0.1 only). Tuning
 runs use seed 0 and are evaluated only on held-out prompts that are never reported: rows 512..799 of
 ``data/demo/eval_prompts.jsonl``, copied to ``WORKDIR/tuning_prompts.jsonl`` (the first ``--tuning-prompts`` of them).
 
@@ -33,7 +38,8 @@ Output (stdout, ``WORKDIR/table.md``, ``WORKDIR/result.json``): the tuning table
 tuning gold_combined, positive share and KL, the chosen one marked); the final table, mean ± standard error over
 seeds of held-out gold combined, positive, grammatical, repetition, concise, reward-model score, KL to the SFT
 policy, wall time of the whole ``launch/ppo.py`` process (s) and its peak RSS (MiB, ``ru_maxrss`` from
-``os.wait4``), with a column flagging reward hacking (mean RM score above the SFT policy's while mean gold_combined
+``os.wait4``; for DPO the sum of the wall times of its ``launch/dpo.py`` and ``launch/evaluate.py`` processes, which
+also evaluates the SFT policy, and the larger peak RSS), with a column flagging reward hacking (mean RM score above the SFT policy's while mean gold_combined
 is below it); and per method its distance to the target: gold positive >= 0.95 with KL <= 5 nats and a grammatical
 share not below the SFT policy's.
 
@@ -77,6 +83,13 @@ GRIDS: dict[str, list[tuple[float, float]]] = {
     "full": [(lr, kl) for lr in (1.5e-4, 3e-4) for kl in (0.05, 0.15, 0.3)],
     "small": [(1.5e-4, 0.15)],
 }
+#: DPO's tuning grid, (beta, sft_loss_weight), at configs/dpo/demo.yaml's learning rate.
+DPO_GRIDS: dict[str, list[tuple[float, float]]] = {
+    "full": [(beta, sft) for beta in (0.1, 0.3, 1.0) for sft in (0.0, 1.0)],
+    "small": [(0.1, 0.0)],
+}
+DPO_CONFIG = Path("configs/dpo/demo.yaml")
+DPO_EVAL_CONFIG = Path("configs/evaluate/dpo.yaml")
 TUNING_SEED = 0
 #: Held-out rows 0..REPORTED_ROWS-1 may be reported; tuning evaluates on the rows after them.
 REPORTED_ROWS = 512
@@ -97,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sft", type=Path, default=None, help="a complete SFT output (default: the demo's)")
     parser.add_argument("--reward", type=Path, default=None, help="a complete reward output (default: the demo's)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "algorithms")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "dpo"], default=[*METHODS, "dpo"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seeds of the final runs")
     parser.add_argument("--grid", choices=list(GRIDS), default="full")
     parser.add_argument("--updates", type=int, default=None, help="ppo.num_updates (default: the demo config's)")
@@ -192,6 +205,67 @@ def train(method: str, tag: str, overrides: list[str], ctx: dict[str, Any]) -> d
     return result
 
 
+def train_dpo(tag: str, overrides: list[str], eval_args: list[str], seed: int,
+              ctx: dict[str, Any]) -> dict[str, Any]:
+    """One ``launch/dpo.py`` run into ``WORKDIR/dpo/<tag>/dpo`` and its ``launch/evaluate.py`` (SFT and DPO policies,
+    the demo's PPO sampling settings, the reward model and the gold judge, seed ``seed``) into ``.../evaluate``;
+    skipped when done with the same commands. The metrics in the shape `train` returns."""
+    out = ctx["workdir"] / "dpo" / tag
+    train_args = [f"--config={DPO_CONFIG}", f"run_dir={ctx['workdir'] / 'run'}", f"model.name_or_path={ctx['sft']}",
+                  f"output_dir={out / 'dpo'}", f"seed={seed}", *overrides]
+    eval_cmd = [f"--config={DPO_EVAL_CONFIG}", f"run_dir={ctx['workdir'] / 'run'}",
+                f"sft_model.name_or_path={ctx['sft']}", f"dpo_model.name_or_path={out / 'dpo'}",
+                f"reward_model.name_or_path={ctx['reward']}", "reward_scores=true", f"output_dir={out / 'evaluate'}",
+                f"seed={seed}", *eval_args]
+    bench_path = out / "bench.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    manifest = read_manifest(out / "evaluate")
+    if manifest is not None and bench is not None and bench.get("args") == [train_args, eval_cmd]:
+        logger.info("dpo %s: complete, skipped", tag)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        logger.info("dpo %s: training", tag)
+        costs = [run_measured([sys.executable, script, *args], ctx["workdir"] / "logs" / f"dpo-{tag}-{name}.log")
+                 for name, script, args in (("train", "launch/dpo.py", train_args),
+                                            ("evaluate", "launch/evaluate.py", eval_cmd))]
+        bench = {"args": [train_args, eval_cmd], "wall_s": round(sum(c["wall_s"] for c in costs), 2),
+                 "max_rss_mib": max(c["max_rss_mib"] for c in costs)}
+        manifest = require_complete(out / "evaluate", stage="evaluate", how_to_build="python launch/evaluate.py ...")
+        bench_path.write_text(json.dumps(bench, indent=1) + "\n")
+    report = manifest["eval"]
+    result = {"final": {k: report["dpo"][k] for k in MEASURES} | {"kl": report["kl_dpo_to_reference"]},
+              "initial": {k: report["sft"][k] for k in MEASURES},
+              "time": {"train_s": (read_manifest(out / "dpo") or {}).get("metrics", {}).get("time/train_s")},
+              "wall_s": bench["wall_s"], "max_rss_mib": bench["max_rss_mib"], "output": str(out)}
+    logger.info("dpo %s: gold %.4f, positive %.4f, KL %.3f, %.0f s, %.0f MiB", tag, result["final"]["gold_combined"],
+                result["final"]["gold_positive"], result["final"]["kl"], result["wall_s"], result["max_rss_mib"])
+    return result
+
+
+def dpo_tag(beta: float, sft: float) -> str:
+    return f"beta{beta:g}-sft{sft:g}"
+
+
+def dpo_overrides(beta: float, sft: float) -> list[str]:
+    return [f"beta={beta!r}", f"sft_loss_weight={sft!r}"]
+
+
+def tune_dpo(grid: list[tuple[float, float]], ctx: dict[str, Any]) -> dict[str, Any]:
+    eval_args = [f"data.path={ctx['tuning_path']}", f"num_prompts={ctx['tuning_prompts']}"]
+    runs = [{"config": dpo_tag(beta, sft), "beta": beta, "sft_loss_weight": sft,
+             **train_dpo(f"tune-{dpo_tag(beta, sft)}", dpo_overrides(beta, sft), eval_args, TUNING_SEED, ctx)}
+            for beta, sft in grid]
+    chosen = select(runs)
+    logger.info("dpo: chose %s", runs[chosen]["config"])
+    return {"runs": runs, "chosen": chosen}
+
+
+def final_dpo_runs(beta: float, sft: float, seeds: list[int], ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    eval_args = [f"data.path={EVAL_PATH}", f"num_prompts={ctx['eval_prompts']}"]
+    return [{"seed": seed, **train_dpo(f"final-{dpo_tag(beta, sft)}-seed{seed}", dpo_overrides(beta, sft), eval_args,
+                                       seed, ctx)} for seed in seeds]
+
+
 def config_tag(lr: float, kl: float) -> str:
     return f"lr{lr:g}-kl{kl:g}"
 
@@ -214,7 +288,7 @@ def tune(method: str, grid: list[tuple[float, float]], ctx: dict[str, Any]) -> d
     for lr, kl in grid:
         run = train(method, f"tune-{config_tag(lr, kl)}", [*config_overrides(lr, kl), f"seed={TUNING_SEED}",
                                                             *eval_args], ctx)
-        runs.append({"learning_rate": lr, "kl_coef": kl, **run})
+        runs.append({"config": config_tag(lr, kl), "learning_rate": lr, "kl_coef": kl, **run})
     chosen = select(runs)
     logger.info("%s: chose lr %g, kl_coef %g", method, runs[chosen]["learning_rate"], runs[chosen]["kl_coef"])
     return {"runs": runs, "chosen": chosen}
@@ -275,13 +349,13 @@ def target_line(summary: dict[str, dict[str, float]], sft: dict[str, dict[str, f
 
 
 def tuning_table(tuning: dict[str, dict[str, Any]]) -> str:
-    header = ["method", "learning rate", "kl_coef", "tuning gold combined", "tuning positive", "tuning KL",
-              f"KL <= {MAX_TUNING_KL:g}", "chosen"]
+    header = ["method", "config", "tuning gold combined", "tuning positive", "tuning KL", f"KL <= {MAX_TUNING_KL:g}",
+              "chosen"]
     rows = []
     for method, result in tuning.items():
         for i, run in enumerate(result["runs"]):
             f = run["final"]
-            rows.append([method, f"{run['learning_rate']:g}", f"{run['kl_coef']:g}", f"{f['gold_combined']:.4f}",
+            rows.append([method, run["config"], f"{f['gold_combined']:.4f}",
                          f"{f['gold_positive']:.4f}", f"{f['kl']:.3f}", "yes" if f["kl"] <= MAX_TUNING_KL else "no",
                          "**chosen**" if i == result["chosen"] else ""])
     return markdown(header, rows)
@@ -302,14 +376,16 @@ def report(args: argparse.Namespace, ctx: dict[str, Any], tuning: dict[str, dict
     """Print the tables and target lines, write them to ``table.md``; the result for ``result.json``."""
     sft = summarise_sft(finals)
     summaries = {m: summarise(runs) for m, runs in finals.items()}
-    chosen = {m: config_tag(t["runs"][t["chosen"]]["learning_rate"], t["runs"][t["chosen"]]["kl_coef"])
-              for m, t in tuning.items()}
+    chosen = {m: t["runs"][t["chosen"]]["config"] for m, t in tuning.items()}
     targets = {m: target_line(s, sft) for m, s in summaries.items()}
     grid = ", ".join(f"({lr:g}, {kl:g})" for lr, kl in GRIDS[args.grid])
+    dpo_grid = ", ".join(f"({beta:g}, {sft:g})" for beta, sft in DPO_GRIDS[args.grid])
     text = "\n".join([
         f"## Tuning (seed {TUNING_SEED}, held-out rows {REPORTED_ROWS}..{REPORTED_ROWS + ctx['tuning_prompts'] - 1} "
         f"of {EVAL_PATH}, never reported)", "",
         f"Grid ({args.grid}), (optim.learning_rate, ppo.kl_coef), the same for every method: {grid}.",
+        *([f"DPO grid ({args.grid}), (beta, sft_loss_weight), at {DPO_CONFIG}'s learning rate: {dpo_grid}."]
+          if "dpo" in tuning else []),
         f"Selection rule: {SELECTION_RULE}.", "", tuning_table(tuning), "",
         f"## Final (chosen config, seeds {' '.join(map(str, args.seeds))}, held-out rows 0..{args.eval_prompts - 1} "
         f"of {EVAL_PATH}; mean ± standard error over seeds)", "",
@@ -338,11 +414,15 @@ def main(argv: list[str] | None = None) -> int:
            "eval_prompts": args.eval_prompts,
            "common": [] if args.updates is None else [f"ppo.num_updates={args.updates}"]}
     start = time.perf_counter()
-    tuning = {m: tune(m, GRIDS[args.grid], ctx) for m in args.methods}
+    tuning = {m: tune_dpo(DPO_GRIDS[args.grid], ctx) if m == "dpo" else tune(m, GRIDS[args.grid], ctx)
+              for m in args.methods}
     finals = {}
     for method, result in tuning.items():
         best = result["runs"][result["chosen"]]
-        finals[method] = final_runs(method, best["learning_rate"], best["kl_coef"], args.seeds, ctx)
+        if method == "dpo":
+            finals[method] = final_dpo_runs(best["beta"], best["sft_loss_weight"], args.seeds, ctx)
+        else:
+            finals[method] = final_runs(method, best["learning_rate"], best["kl_coef"], args.seeds, ctx)
     result = report(args, ctx, tuning, finals)
     result["benchmark_wall_s"] = round(time.perf_counter() - start, 1)
     (args.workdir / "result.json").write_text(json.dumps(result, indent=1) + "\n")

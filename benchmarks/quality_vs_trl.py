@@ -50,11 +50,11 @@ import torch
 from rlhf.checkpoint import REWARD_STATS_FILE, read_json, read_manifest, require_complete
 from rlhf.config import ModelConfig, PPOConfig, load_config
 from rlhf.evaluation import evaluate_policy, summarise_records
-from rlhf.models import is_encoder, load_causal_lm, load_sequence_scorer, load_tokenizer, score_sequences
+from rlhf.models import frozen, is_encoder, load_causal_lm, load_sequence_scorer, load_tokenizer, score_sequences
 from rlhf.ppo.rollout import GenerationSettings, policy_forward
 from rlhf.scoring import RewardScorer
 from rlhf.text import TextContract
-from stages.ppo import frozen, load_prompts
+from stages.ppo import load_prompts
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

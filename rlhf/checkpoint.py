@@ -325,6 +325,13 @@ def require_complete(output_dir: str | Path, *, stage: str, how_to_build: str) -
     return manifest
 
 
+def require_upstream(output_dir: str | Path, *, stage: str, run_dir: str | Path) -> dict[str, Any]:
+    """`require_complete` for a stage's default input, this run's ``stage`` output: the error names the launcher
+    that builds it."""
+    return require_complete(output_dir, stage=stage, how_to_build=f"accelerate launch launch/{stage}.py "
+                                                                   f"run_dir={run_dir}")
+
+
 def ensure_run_dir(run_dir: str | Path, *, pipeline: str) -> dict[str, Any]:
     """Create ``<run_dir>/pipeline.json`` identifying the run, or check that an existing one is the same pipeline."""
     path = pipeline_path(run_dir)

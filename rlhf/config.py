@@ -691,6 +691,70 @@ class RewardConfig(StageConfig):
                 "data": self.data.path, "eval_data": self.data.eval_path or ""}
 
 
+#: DPO's preference losses (TRL ``DPOTrainer``'s ``loss_type``), each with what it optimises. h = beta x (the
+#: chosen response's log-ratio to the reference - the rejected one's).
+DPO_LOSSES = {
+    "sigmoid": "DPO (Rafailov et al. 2023): -log sigmoid(h), the Bradley-Terry likelihood of the labels under the "
+               "implicit reward; with label_smoothing e, conservative DPO (labels flipped with probability e)",
+    "ipo": "IPO (Azar et al. 2023): (h / beta - 1 / (2 beta))^2, a squared loss that pulls the log-ratio gap to a "
+           "fixed target instead of pushing it without bound; beta is IPO's tau",
+    "hinge": "SLiC-HF (Zhao et al. 2023): max(0, 1 - h), a hinge on the normalised likelihood gap",
+    "robust": "Robust DPO (Chowdhury et al. 2024): the DPO loss de-biased for labels flipped with probability "
+              "label_smoothing (in [0, 0.5))",
+    "sigmoid_norm": "DPO on length-normalised log-ratios (per-token means), which removes the pull toward longer "
+                    "chosen responses",
+    "apo_zero": "APO-zero (D'Oosterlinck et al. 2024): raises the chosen responses' likelihood and lowers the "
+                "rejected ones', each against the reference, for chosen responses better than the policy's own",
+}
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Direct preference optimisation of the SFT policy on preference pairs (TRL DPOTrainer), no reward model."""
+
+    stage: typing.ClassVar[str] = "dpo"
+
+    model: ModelConfig = section(
+        lambda: ModelConfig(name_or_path=""),
+        "The policy to start from, and the reference: empty means this run's SFT output; or any causal LM.",
+    )
+    peft: PeftConfig = section(PeftConfig, "Which parameters train (LoRA: the reference is the policy with its "
+                                           "adapters disabled, no copy loaded; full or partial: one frozen copy).")
+    data: DataConfig = section(lambda: DataConfig(path="data/demo/preferences.jsonl", max_length=160),
+                               "Preference pairs (every layout the reward stage reads).")
+    optim: OptimConfig = section(lambda: OptimConfig(learning_rate=5e-5, warmup_ratio=0.05), "Optimiser.")
+    train: TrainerConfig = section(lambda: TrainerConfig(num_epochs=1.0, batch_size=32, micro_batch_size=32),
+                                   "Batching and schedule.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = option(
+        "sigmoid", doc="The preference loss: " + "; ".join(f"{k}: {v}" for k, v in DPO_LOSSES.items()) + ".")
+    beta: float = option(0.1, doc="How far the policy may move from the reference: the implicit reward is beta x "
+                                  "the log-ratio; larger keeps the policy closer.", gt=0)
+    label_smoothing: float = option(
+        0.0, doc="Probability that a label is flipped (loss_type robust; with sigmoid, conservative DPO).", ge=0,
+        lt=0.5)
+    sft_loss_weight: float = option(
+        0.0, doc="Weight of the chosen responses' token-mean negative log-likelihood added to the preference loss "
+                 "(RPO, Pang et al. 2024): keeps the chosen responses likely, their stop token included, where the "
+                 "preference loss alone lowers the likelihood of both responses; 0 leaves it out.", ge=0)
+
+    @property
+    def policy_path(self) -> str:
+        """The policy to start from: ``model.name_or_path``, or this run's SFT output when that is empty."""
+        return self.model.name_or_path or str(Path(self.run_dir) / "sft")
+
+    def validate(self) -> None:
+        self.train.validate()
+        if self.peft.method == "prefix":
+            raise ConfigError("peft.method=prefix is for the SFT stage only; use full, lora or partial for DPO")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}; set "
+                              "label_smoothing=0 or change loss_type")
+
+    def input_paths(self) -> dict[str, str]:
+        return {"model": self.policy_path, "tokenizer": self.model.tokenizer_name_or_path or "",
+                "data": self.data.path, "eval_data": self.data.eval_path or ""}
+
+
 @dataclass
 class RolloutConfig:
     """How PPO samples and scores responses."""
@@ -941,7 +1005,8 @@ class PPOConfig(StageConfig):
 
 @dataclass
 class EvaluateConfig(StageConfig):
-    """Held-out comparison of the SFT policy and the PPO policy: reward-model and gold scores, win rates, KL."""
+    """Held-out comparison of the SFT policy and the trained policies (PPO, DPO): reward-model and gold scores, win
+    rates, KL."""
 
     stage: typing.ClassVar[str] = "evaluate"
 
@@ -949,8 +1014,17 @@ class EvaluateConfig(StageConfig):
                                      "The SFT policy (also the reference for the KL): empty means this run's SFT output.")
     ppo_model: ModelConfig = section(lambda: ModelConfig(name_or_path=""),
                                      "The PPO policy: empty means this run's ppo/policy.")
+    dpo_model: ModelConfig = section(lambda: ModelConfig(name_or_path=""),
+                                     "The DPO policy: empty means this run's dpo output.")
     reward_model: ModelConfig = section(lambda: ModelConfig(name_or_path=""),
                                         "The reward model: empty means this run's reward output.")
+    policies: list[str] = option(
+        default_factory=lambda: ["ppo"],
+        doc="The trained policies compared with the SFT policy, each on the same prompts and random streams: ppo, "
+            "dpo, or both (then DPO's gold win rate over PPO too).")
+    reward_scores: bool = option(
+        True, doc="Score the responses with the reward model (and the win rates under it); false needs no reward "
+                  "model, e.g. for a run of SFT and DPO only.")
     data: DataConfig = section(
         lambda: DataConfig(path="data/demo/eval_prompts.jsonl", eval_fraction=0.0),
         "Held-out prompts (rows with a prompt, messages, or preference pairs whose prompts are used).",
@@ -980,10 +1054,24 @@ class EvaluateConfig(StageConfig):
         return self.ppo_model.name_or_path or str(Path(self.ppo_run_path) / "policy")
 
     @property
+    def dpo_path(self) -> str:
+        return self.dpo_model.name_or_path or str(Path(self.run_dir) / "dpo")
+
+    def policy_path(self, policy: str) -> str:
+        return self.ppo_path if policy == "ppo" else self.dpo_path
+
+    def validate(self) -> None:
+        unknown = [p for p in self.policies if p not in ("ppo", "dpo")]
+        if unknown or not self.policies or len(set(self.policies)) != len(self.policies):
+            raise ConfigError(f"policies={self.policies}: list ppo, dpo or both, once each")
+
+    @property
     def reward_path(self) -> str:
         return self.reward_model.name_or_path or str(Path(self.run_dir) / "reward")
 
     def input_paths(self) -> dict[str, str]:
         # This run's PPO output as a whole (its fingerprint names the policy and the training settings read from it).
         ppo = self.ppo_model.name_or_path or self.ppo_run_path
-        return {"sft": self.sft_path, "ppo": ppo, "reward_model": self.reward_path, "data": self.data.path}
+        return {"sft": self.sft_path, "ppo": ppo if "ppo" in self.policies else "",
+                "dpo": self.dpo_path if "dpo" in self.policies else "",
+                "reward_model": self.reward_path if self.reward_scores else "", "data": self.data.path}

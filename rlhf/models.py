@@ -387,3 +387,18 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
     result = torch.empty(len(sequences))
     result[torch.tensor(order)] = torch.cat(scores)
     return result
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout anywhere in ``model``: PPO's ratio must compare the same function at rollout and training time,
+    and a reference must score the same way every time."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` for inference only: no parameter trains, no dropout, eval mode."""
+    model.requires_grad_(False)
+    disable_dropout(model)
+    return model.eval()

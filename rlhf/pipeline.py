@@ -44,8 +44,12 @@ STANDARD_STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sft": ("stages.sft:run", ()),
     "reward": ("stages.reward:run", ("sft",)),
     "ppo": ("stages.ppo:run", ("sft", "reward")),
-    "evaluate": ("stages.evaluate:run", ("sft", "reward", "ppo")),
+    "dpo": ("stages.dpo:run", ("sft",)),
+    "evaluate": ("stages.evaluate:run", ("sft", "reward", "ppo", "dpo")),
 }
+
+#: Standard stages that `run_status` lists only when the run directory has their output.
+OPTIONAL_STAGES = ("pretrain", "dpo")
 
 
 class StageState(str, enum.Enum):
@@ -252,7 +256,9 @@ STATUS_METRICS = {
     "sft": ("eval/loss", "eval/perplexity"),
     "reward": ("eval/accuracy", "eval/margin"),
     "ppo": ("final/score_mean", "final/kl", "final/gold_combined", "final/gold_positive"),
-    "evaluate": ("eval/win_rate_reward_model", "eval/win_rate_gold", "eval/kl_ppo_to_reference"),
+    "dpo": ("eval/accuracy", "eval/margin", "eval/logratio_chosen"),
+    "evaluate": ("eval/win_rate_reward_model", "eval/win_rate_gold", "eval/kl_ppo_to_reference",
+                 "eval/win_rate_gold_dpo", "eval/kl_dpo_to_reference"),
 }
 
 
@@ -268,9 +274,8 @@ def run_status(run_dir: str | Path) -> list[dict[str, Any]]:
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"{run} is not a run directory (it does not exist)")
-    names = [n for n in STANDARD_STAGES if n != "pretrain" or stage_output_dir(run, n).exists()]
-    graph = standard_graph(names) if "pretrain" not in names else StageGraph.from_specs(
-        [StageSpec(n, STANDARD_STAGES[n][0], tuple(d for d in STANDARD_STAGES[n][1] if d in names)) for n in names])
+    names = [n for n in STANDARD_STAGES if n not in OPTIONAL_STAGES or stage_output_dir(run, n).exists()]
+    graph = standard_graph(names)
     configs = {}
     for name in names:
         _, config_cls = resolve_target(STANDARD_STAGES[name][0])

@@ -53,11 +53,14 @@ if TYPE_CHECKING:
 
 #: The stages a report covers, in pipeline order.
 REPORT_STAGES = ("sft", "reward", "ppo")
+#: Stages the report covers when the run directory has their output (then with two panels more).
+OPTIONAL_REPORT_STAGES = ("dpo",)
 #: Final metrics shown for each stage in the stage table (all of them are under "all final metrics").
 KEY_METRICS = {
     "sft": ("train/loss", "eval/loss", "eval/perplexity", "train/steps"),
     "reward": ("train/loss", "eval/accuracy", "eval/margin", "train/steps"),
     "ppo": ("updates", "rollout/score_mean", "rollout/kl", "ppo/kl_coef"),
+    "dpo": ("train/loss", "eval/accuracy", "eval/margin", "eval/logratio_chosen"),
 }
 #: Held-out metrics listed first in the before/after table; the others follow in the manifest's order.
 BEFORE_AFTER_FIRST = ("score_mean", "kl", "gold_combined", "gold_positive", "response_len", "eos_rate")
@@ -139,6 +142,9 @@ def load_run(run_dir: str | Path) -> dict[str, StageRecord]:
             f"{run_dir} {what}: nothing to report; pass the run_dir the stages wrote to (e.g. runs/demo)"
         )
     stages = {stage: load_stage(run_dir, stage) for stage in REPORT_STAGES}
+    for stage in OPTIONAL_REPORT_STAGES:
+        if (record := load_stage(run_dir, stage)).status != "missing":
+            stages[stage] = record
     if all(record.status == "missing" for record in stages.values()):
         raise CheckpointError(
             f"{run_dir} holds none of the stage outputs {', '.join(s + '/' for s in REPORT_STAGES)}: it is not a run "
@@ -251,7 +257,8 @@ class _PPOAxis:
 
 
 def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
-    """The run's curves in eight panels (a) to (h): PPO over episodes, SFT and reward model over optimiser steps."""
+    """The run's curves in eight panels (a) to (h): PPO over episodes, SFT and reward model over optimiser steps;
+    with a DPO output, (i) and (j) for DPO over its optimiser steps."""
     # The Figure API draws without pyplot and its global backend state, so a headless server or an open notebook
     # both work and nothing leaks between calls.
     from matplotlib.figure import Figure
@@ -259,17 +266,19 @@ def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
     ppo = stages["ppo"]
     batch = rollout_batch_size(ppo)
     x = _PPOAxis(ppo, batch or 1, f"episodes (updates \u00d7 {batch} responses)" if batch else "PPO update")
-    fig = Figure(figsize=(14, 18), layout="constrained")
-    statuses = ", ".join(f"{name} {stages[name].status}" for name in REPORT_STAGES)
+    dpo = stages.get("dpo")
+    fig = Figure(figsize=(14, 22.5 if dpo else 18), layout="constrained")
+    statuses = ", ".join(f"{name} {record.status}" for name, record in stages.items())
     fig.suptitle(f"RLHF run '{run_name}'   ({statuses})", fontsize=15, fontweight="bold")
     fig.supxlabel("Light lines: raw values per step; bold lines: centred moving average.  "
                   "Markers: held-out evaluations.", fontsize=9, color="0.35")
-    panels = fig.subplots(4, 2).flatten()
+    panels = fig.subplots(5 if dpo else 4, 2).flatten()
     titles = (
         "(a) PPO: reward-model score of rollouts", "(b) PPO: KL(policy || reference)",
         "(c) PPO: RLHF reward = score \u2212 \u03b2\u00b7KL", "(d) PPO: response length and EOS rate",
         "(e) PPO: value loss and policy loss", "(f) PPO: held-out evaluation",
         "(g) SFT: train and eval loss", "(h) Reward model: train loss and accuracy",
+        "(i) DPO: loss and the chosen responses' log-ratio", "(j) DPO: implicit reward margin and accuracy",
     )
     for ax, title in zip(panels, titles):
         ax.set_title(title)
@@ -282,6 +291,9 @@ def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
     _eval_panel(panels[5], x)
     _sft_panel(panels[6], stages["sft"])
     _reward_panel(panels[7], stages["reward"])
+    if dpo:
+        _dpo_loss_panel(panels[8], dpo)
+        _dpo_margin_panel(panels[9], dpo)
     return fig
 
 
@@ -408,6 +420,47 @@ def _reward_panel(ax: Axes, reward: StageRecord) -> None:
             if key.startswith("train/"):
                 handles[-1].set_alpha(0.55)
                 handles[-1].set_linestyle("--")
+        right.axhline(0.5, color=COLORS["accuracy"], lw=0.6, ls=":")
+    _legend(ax, handles)
+    ax.set_xlabel("optimiser step")
+
+
+def _dpo_loss_panel(ax: Axes, dpo: StageRecord) -> None:
+    """(i) DPO's loss (train, held-out) and, on its own axis, the chosen responses' mean log-ratio to the reference
+    (the implicit reward over beta): how far the policy has moved on the data, in nats."""
+    if why := _missing(dpo, "train/loss"):
+        _no_data(ax, why)
+        return
+    handles = _curve(ax, *dpo.series("train/loss"), COLORS["train_loss"], "train/loss")
+    if dpo.series("eval/loss")[0]:
+        handles += _points(ax, *dpo.series("eval/loss"), COLORS["eval_loss"], "eval/loss")
+    ax.set_ylabel("preference loss")
+    beta = ((dpo.manifest or {}).get("config") or {}).get("beta") or (dpo.manifest or {}).get("beta")
+    steps, chosen = dpo.series("train/rewards/chosen")
+    if beta and steps:
+        right = _twin(ax, COLORS["kl"], "log \u03c0/\u03c0_ref of chosen (nats)")
+        handles += _curve(right, steps, [value / beta for value in chosen], COLORS["kl"], "log-ratio, chosen")
+    _legend(ax, handles)
+    ax.set_xlabel("optimiser step")
+
+
+def _dpo_margin_panel(ax: Axes, dpo: StageRecord) -> None:
+    """(j) DPO's implicit reward margin (chosen - rejected) and the share of pairs it orders right."""
+    if why := (_missing(dpo, "train/rewards/margins") and _missing(dpo, "eval/rewards/margins")):
+        _no_data(ax, why)
+        return
+    handles = []
+    if dpo.series("train/rewards/margins")[0]:
+        handles += _curve(ax, *dpo.series("train/rewards/margins"), COLORS["score"], "train/rewards/margins")
+    if dpo.series("eval/rewards/margins")[0]:
+        handles += _points(ax, *dpo.series("eval/rewards/margins"), COLORS["score"], "eval/rewards/margins")
+    ax.set_ylabel("implicit reward margin")
+    accuracies = [key for key in ("train/rewards/accuracies", "eval/rewards/accuracies") if dpo.series(key)[0]]
+    if accuracies:
+        right = _twin(ax, COLORS["accuracy"], "accuracy (chosen > rejected)")
+        for key in accuracies:
+            handles += (_points if key.startswith("eval/") else _curve)(right, *dpo.series(key), COLORS["accuracy"],
+                                                                       key)
         right.axhline(0.5, color=COLORS["accuracy"], lw=0.6, ls=":")
     _legend(ax, handles)
     ax.set_xlabel("optimiser step")

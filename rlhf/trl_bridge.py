@@ -71,6 +71,13 @@ def trainer_kwargs(cfg: Any, *, output_dir: Path, num_processes: int, has_eval: 
     }
 
 
+#: TRL preference-trainer arguments for rows that are token ids already, validated up front: no length cut (rows
+#: longer than data.max_length were rejected with their file and row; TRL would drop or truncate them silently), no
+#: dropout, no dataset workers, and every column kept (the collator reads the ids, train.group_by_length "length").
+TOKENIZED_PAIRS = {"max_length": None, "disable_dropout": True, "dataset_num_proc": None,
+                   "remove_unused_columns": False}
+
+
 class StepSortedSampler(torch.utils.data.Sampler[int]):
     """The Trainer's random order with the examples of each optimiser step sorted by length, longest first.
 
@@ -156,6 +163,32 @@ def trainer_class(base: type) -> type:
 
     StageTrainer.__name__ = StageTrainer.__qualname__ = f"Stage{base.__name__}"
     return StageTrainer
+
+
+#: The columns of a preference example already in token ids (`tokenized_preference_trainer`).
+PREFERENCE_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@functools.cache
+def tokenized_preference_trainer() -> type:
+    """TRL's ``DPOTrainer`` with the stages' hooks (`trainer_class`) that trains on the token ids it is given.
+
+    DPOTrainer tokenises text rows itself (prompt + response as one string, an EOS appended when missing, the prompt
+    cut where the two tokenisations diverge). Our rows are token ids already, made by the text contract as for SFT,
+    the reward model and PPO (``prompt_ids``, and ``chosen_ids`` / ``rejected_ids`` each through its stop token), so
+    the override of ``_prepare_dataset(dataset, processing_class, args, dataset_name)`` checks the columns and
+    returns them as they are. Not public API; ``tests/unit/test_trl_bridge.py`` fails if it changes signature."""
+    from trl import DPOTrainer
+
+    class StageDPOTrainer(trainer_class(DPOTrainer)):
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            missing = [c for c in PREFERENCE_COLUMNS if c not in dataset.column_names]
+            if missing:
+                raise ValueError(f"the {dataset_name} preference rows lack {', '.join(missing)}: they must be token "
+                                 "ids by the text contract (stages.dpo.encode_pair)")
+            return dataset
+
+    return StageDPOTrainer
 
 
 def pack_linears(trainer: Any, model: Any) -> bool:

@@ -34,18 +34,20 @@ from rlhf.checkpoint import (
     latest_checkpoint,
     output_dir_of,
     read_json,
-    require_complete,
+    require_upstream,
     truncate_logs_to,
     write_json_atomic,
 )
 from rlhf.config import BatchLayout, PPOConfig
-from rlhf.data import prepare_dataset
+from rlhf.data import prepare_stage_data
 from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.models import (
     apply_peft,
     check_model_source,
     count_parameters,
+    disable_dropout,
+    frozen,
     is_encoder,
     load_causal_lm,
     load_sequence_scorer,
@@ -127,21 +129,8 @@ class Batch:
                                                             self.advantages, self.returns)))
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """PPO's ratio must compare the same function at rollout and training time: no dropout anywhere."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 def is_lora(cfg: PPOConfig) -> bool:
     return cfg.peft.method == "lora"
-
-
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.requires_grad_(False)
-    disable_dropout(model)
-    return model.eval()
 
 
 def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
@@ -179,11 +168,7 @@ def gathered_for_generation(accelerator: Any, model: torch.nn.Module) -> Iterato
 
 def load_prompts(cfg: PPOConfig, contract: TextContract) -> tuple[EvalPrompts, EvalPrompts, dict[str, Any]]:
     """The training and held-out prompts, encoded, and the dataset's statistics (rows dropped and why)."""
-    data = prepare_dataset(
-        cfg.data.path, "prompt", split=cfg.data.split, eval_path=cfg.data.eval_path, eval_split=cfg.data.eval_split,
-        eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, prompt_marker=cfg.data.prompt_marker,
-        on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction,
-    )
+    data = prepare_stage_data(cfg, "prompt")
     if not data.train:
         raise ConfigError(f"data.path={cfg.data.path}: no usable prompts")
     train = [row["prompt"] for row in data.train]
@@ -383,10 +368,9 @@ def read_inputs(cfg: PPOConfig, state: Any) -> Inputs:
     """The stage's inputs, each checked (with the command that builds a missing upstream output) before any weights
     load. A resumed run's logs are cut back to its checkpoint first."""
     if not cfg.model.name_or_path:
-        require_complete(cfg.policy_path, stage="sft", how_to_build=f"accelerate launch launch/sft.py run_dir={cfg.run_dir}")
+        require_upstream(cfg.policy_path, stage="sft", run_dir=cfg.run_dir)
     if not cfg.reward_model.name_or_path and cfg.uses_reward_model:
-        require_complete(cfg.reward_path, stage="reward",
-                         how_to_build=f"accelerate launch launch/reward.py run_dir={cfg.run_dir}")
+        require_upstream(cfg.reward_path, stage="reward", run_dir=cfg.run_dir)
     policy_cfg = speed.model_config(cfg, dataclasses.replace(cfg.model, name_or_path=cfg.policy_path))
     check_model_source(policy_cfg, key="model.name_or_path")
     tokenizer = load_tokenizer(policy_cfg)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from rlhf.checkpoint import REWARD_STATS_FILE, require_complete, write_json_atomic
+from rlhf.checkpoint import REWARD_STATS_FILE, require_upstream, write_json_atomic
 from rlhf.config import ModelConfig, RewardConfig
-from rlhf.data import prepare_dataset, to_hf_dataset
+from rlhf.data import prepare_stage_data, to_hf_dataset
 from rlhf.models import (
     apply_peft,
     check_model_source,
@@ -33,7 +33,7 @@ from rlhf.models import (
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import RewardText
-from rlhf.trl_bridge import pack_linears, train_resumable, trainer_class, trainer_kwargs
+from rlhf.trl_bridge import TOKENIZED_PAIRS, pack_linears, train_resumable, trainer_class, trainer_kwargs
 
 Config = RewardConfig
 logger = logging.getLogger(__name__)
@@ -66,13 +66,8 @@ def trl_args(cfg: RewardConfig, output_dir: Path, num_processes: int, has_eval: 
 
     return TRLRewardConfig(
         **trainer_kwargs(cfg, output_dir=output_dir, num_processes=num_processes, has_eval=has_eval),
-        # Lengths are validated against data.max_length up front; TRL would silently drop longer pairs.
-        max_length=None,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
-        disable_dropout=True,
-        dataset_num_proc=None,
-        # Our rows hold only what the collator reads plus "length" (train.group_by_length), which must stay.
-        remove_unused_columns=False,
+        **TOKENIZED_PAIRS,
     )
 
 
@@ -86,21 +81,13 @@ def run(cfg: RewardConfig) -> Path:
     model_cfg = backbone_model_config(cfg)
     if not cfg.model.name_or_path:
         # The default backbone is this run's SFT output: it must be complete, and the error says how to build it.
-        require_complete(cfg.backbone_path, stage="sft",
-                         how_to_build=f"accelerate launch launch/sft.py run_dir={cfg.run_dir}")
+        require_upstream(cfg.backbone_path, stage="sft", run_dir=cfg.run_dir)
     check_model_source(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
     encoder = is_encoder(model_cfg.name_or_path)
     text = RewardText.for_model(tokenizer, is_encoder=encoder)
-    data = prepare_dataset(
-        cfg.data.path, "preference", split=cfg.data.split, eval_path=cfg.data.eval_path,
-        eval_split=cfg.data.eval_split, eval_fraction=cfg.data.eval_fraction, seed=cfg.seed,
-        prompt_marker=cfg.data.prompt_marker, on_bad_row=cfg.data.on_bad_row,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        token_length=lambda row: max(len(text.ids(row["prompt"], row["chosen"])),
-                                     len(text.ids(row["prompt"], row["rejected"]))),
-        max_length=cfg.data.max_length,
-    )
+    data = prepare_stage_data(cfg, "preference", token_length=lambda row: max(
+        len(text.ids(row["prompt"], row["chosen"])), len(text.ids(row["prompt"], row["rejected"]))))
     train_pairs = [encode_pair(text, row) for row in data.train]
     eval_pairs = [encode_pair(text, row) for row in data.eval]
 

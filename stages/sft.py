@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import SFTConfig
-from rlhf.data import prepare_dataset, to_hf_dataset
+from rlhf.data import prepare_stage_data, to_hf_dataset
 from rlhf.models import apply_peft, check_model_source, count_parameters, load_causal_lm, load_tokenizer, save_model
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
@@ -64,13 +64,7 @@ def run(cfg: SFTConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     contract = TextContract.from_tokenizer(tokenizer)
     had_template = bool(getattr(tokenizer, "chat_template", None))
-    data = prepare_dataset(
-        cfg.data.path, "sft", split=cfg.data.split, eval_path=cfg.data.eval_path, eval_split=cfg.data.eval_split,
-        eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, prompt_marker=cfg.data.prompt_marker,
-        on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction,
-        token_length=lambda row: len(encode_example(contract, row)["input_ids"]),
-        max_length=cfg.data.max_length,
-    )
+    data = prepare_stage_data(cfg, "sft", token_length=lambda row: len(encode_example(contract, row)["input_ids"]))
     train_set = to_hf_dataset([encode_example(contract, row) for row in data.train])
     eval_set = to_hf_dataset([encode_example(contract, row) for row in data.eval]) if data.eval else None
     added_template = not had_template and bool(tokenizer.chat_template)

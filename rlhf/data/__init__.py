@@ -141,6 +141,16 @@ def prepare_dataset(
     return PreparedData([row.data for row in train_rows], [row.data for row in eval_rows], stats)
 
 
+def prepare_stage_data(cfg: Any, kind: Kind, token_length: Callable[[dict[str, Any]], int] | None = None,
+                       ) -> PreparedData:
+    """`prepare_dataset` with the settings of a stage config's ``data`` section and its seed."""
+    data = cfg.data
+    return prepare_dataset(data.path, kind, split=data.split, eval_path=data.eval_path, eval_split=data.eval_split,
+                           eval_fraction=data.eval_fraction, seed=cfg.seed, prompt_marker=data.prompt_marker,
+                           on_bad_row=data.on_bad_row, max_bad_fraction=data.max_bad_fraction,
+                           token_length=token_length, max_length=data.max_length)
+
+
 def to_hf_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
     """A ``datasets.Dataset`` of canonical rows; a column missing from some rows (``margin``) is None there."""
     import datasets

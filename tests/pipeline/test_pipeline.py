@@ -27,8 +27,9 @@ from rlhf.tracking import read_metrics
 STAGES = ["sft", "reward", "ppo", "evaluate"]
 
 
-def write_pipeline(root: Path, *, report_to: str = "[jsonl]", name: str = "tiny") -> Path:
-    """The demo pipeline on 64-row slices of the demo data, with a few steps per stage."""
+def write_pipeline(root: Path, *, report_to: str = "[jsonl]", name: str = "tiny", dpo: bool = False) -> Path:
+    """The demo pipeline on 64-row slices of the demo data, with a few steps per stage; ``dpo``: with the DPO
+    branch from the same SFT output too, and the evaluation of both policies."""
     data = {}
     for stem in ("sft", "preferences", "prompts", "eval_prompts"):
         data[stem] = write_jsonl(root / f"{stem}.jsonl", demo_rows(f"{stem}.jsonl", 64))
@@ -39,6 +40,10 @@ def write_pipeline(root: Path, *, report_to: str = "[jsonl]", name: str = "tiny"
                 "rollout.batch_size=8", "ppo.micro_batch_size=4", "eval.num_prompts=8", "samples_every=1"],
         "evaluate": [f"data.path={data['eval_prompts']}", "num_prompts=8", "samples=4"],
     }
+    if dpo:
+        evaluate = stages.pop("evaluate")
+        stages["dpo"] = [f"data.path={data['preferences']}", "train.max_steps=2", "data.eval_fraction=0.1"]
+        stages["evaluate"] = [*evaluate, "policies=[ppo, dpo]"]
     lines = [f"name: {name}", f"run_dir: {root / 'run'}", f"overrides: ['logging.report_to={report_to}']", "stages:"]
     for stage, overrides in stages.items():
         lines += [f"  {stage}:", f"    config: {REPO_ROOT / 'configs' / stage / 'demo.yaml'}",
@@ -84,6 +89,32 @@ def copy(built, tmp_path):
         shutil.copy(root / f"{stem}.jsonl", tmp_path / f"{stem}.jsonl")
     # The data files were copied with identical content, so the stages' fingerprints still match.
     return tmp_path, write_pipeline(tmp_path)
+
+
+def test_a_dpo_branch_joins_a_complete_run_and_one_evaluation_compares_both(copy):
+    """Both branches from one SFT output in one run directory: only DPO and the evaluation (its config changed) run;
+    the evaluation compares SFT, PPO and DPO on the same prompts."""
+    from rlhf.pipeline import run_status
+
+    root, _ = copy
+    ran, _ = run(write_pipeline(root, dpo=True))
+    assert ran == ["dpo", "evaluate"]
+    report = json.loads((root / "run" / "evaluate" / "eval.json").read_text())
+    assert {"sft", "ppo", "dpo", "win_rate_gold", "win_rate_gold_dpo", "win_rate_gold_dpo_over_ppo"} <= set(report)
+    states = {row["stage"]: row["state"] for row in run_status(root / "run")}
+    assert states == {"sft": "complete", "reward": "complete", "ppo": "complete", "dpo": "complete",
+                      "evaluate": "complete"}
+
+
+def test_the_shipped_dpo_pipelines_chain_dpo_after_sft():
+    order = {}
+    for name in ("dpo", "ppo_and_dpo"):
+        pipeline = load_pipeline(REPO_ROOT / "configs" / "pipeline" / f"{name}.yaml")
+        order[name] = pipeline.graph.order()
+        assert pipeline.graph.specs["dpo"].depends_on == ("sft",)
+        assert "dpo" in pipeline.graph.specs["evaluate"].depends_on
+    assert order["dpo"] == ["sft", "dpo", "evaluate"]
+    assert order["ppo_and_dpo"] == ["sft", "reward", "ppo", "dpo", "evaluate"]
 
 
 def created(run_dir: Path, stage: str) -> str:
@@ -206,7 +237,7 @@ def test_pipeline_config_errors(tmp_path):
         "run_dir: runs/x\nstage: {}\n": r"unknown key 'stage'.*did you mean 'stages'",
         "run_dir: runs/x\nstages:\n  sft:\n    confg: a.yaml\n": r"unknown key 'confg' in stages.sft.*did you mean 'config'",
         "run_dir: runs/x\nstages:\n  sft:\n    config: nowhere.yaml\n": r"stages.sft.config.*nowhere.yaml does not exist",
-        "run_dir: runs/x\nstages:\n  dpo: {}\n": r"stages.dpo.target is required",
+        "run_dir: runs/x\nstages:\n  kto: {}\n": r"stages.kto.target is required",
         "run_dir: runs/x\nstages:\n  sft: {}\n  reward: {depends_on: [sfx]}\n": r"depends on 'sfx'",
         "stages:\n  sft: {}\n": r"'run_dir' must name the run directory",
         "run_dir: runs/x\nstages:\n  sft: {num_processes: 0}\n": r"num_processes.*positive integer",

@@ -22,19 +22,20 @@ from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_cau
 from rlhf.checkpoint import read_manifest, write_json_atomic
 from rlhf.launcher import EXIT_USER_ERROR, REPO_ROOT, default_config_path, launch
 from rlhf.pipeline import run_with_upstream
-from stages import ppo, reward, sft
+from stages import dpo, ppo, reward, sft
 
 LAUNCHERS = {
     "sft": (sft.run, sft.Config),
     "reward": (reward.run, reward.Config),
+    "dpo": (dpo.run, dpo.Config),
     "ppo": (functools.partial(run_with_upstream, run_ppo=ppo.run), ppo.Config),
 }
 #: The demo data file each launcher reads (its first rows are the good rows of every case).
-DATA = {"sft": "sft.jsonl", "reward": "preferences.jsonl", "ppo": "prompts.jsonl"}
+DATA = {"sft": "sft.jsonl", "reward": "preferences.jsonl", "dpo": "preferences.jsonl", "ppo": "prompts.jsonl"}
 #: The text column a broken row breaks, per launcher.
-TEXT_COLUMN = {"sft": "completion", "reward": "chosen", "ppo": "prompt"}
+TEXT_COLUMN = {"sft": "completion", "reward": "chosen", "dpo": "rejected", "ppo": "prompt"}
 NUM_ROWS = 8
-STAGES = ["sft", "reward", "ppo"]
+STAGES = ["sft", "reward", "dpo", "ppo"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def overrides(stage: str, tmp_path: Path, models: dict, data: Path, *extra: str)
     """A small run of ``stage`` in ``tmp_path/run`` on ``data``; ``extra`` comes last and wins."""
     common = [f"run_dir={tmp_path / 'run'}", f"data.path={data}", "data.eval_fraction=0", "logging.log_every=1",
               "threads=1"]
-    if stage in ("sft", "reward"):
+    if stage in ("sft", "reward", "dpo"):
         return [*common, f"model.name_or_path={models['base']}", "data.max_length=null", "train.max_steps=1",
                 "train.batch_size=4", "train.micro_batch_size=4", *extra]
     return [*common, f"model.name_or_path={models['base']}", f"reward_model.name_or_path={models['reward']}",

@@ -11,16 +11,19 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
 
 from rlhf.checkpoint import read_manifest
-from rlhf.config import RewardConfig, SFTConfig, load_config
+from rlhf.config import DPOConfig, RewardConfig, SFTConfig, load_config
 from rlhf.launcher import REPO_ROOT
 from rlhf.signals import EXIT_INTERRUPTED
 from rlhf.tracking import read_metrics
-from stages import reward, sft
+from stages import dpo, reward, sft
 
-STAGES = {"sft": (sft, SFTConfig, "sft.jsonl"), "reward": (reward, RewardConfig, "preferences.jsonl")}
+STAGES = {"sft": (sft, SFTConfig, "sft.jsonl"), "reward": (reward, RewardConfig, "preferences.jsonl"),
+          "dpo": (dpo, DPOConfig, "preferences.jsonl")}
 
 
 def _overrides(root, name, model, data):
@@ -42,7 +45,7 @@ def _wait_for_step(metrics, step, proc, timeout=300):
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, stage):
     module, config_cls, data_name = STAGES[stage]
     model = save_tiny_causal_lm(tmp_path / "base", plain_tokenizer())
@@ -69,6 +72,8 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, stage):
     last = {name: [r for r in read_metrics(d / "metrics.jsonl") if r.get("step") == 40 and "train/loss" in r][-1]
             for name, d in (("resumed", resumed), ("straight", straight))}
     assert last["resumed"]["train/loss"] == pytest.approx(last["straight"]["train/loss"], abs=1e-5)
+    weights = {name: load_file(d / "model.safetensors") for name, d in (("resumed", resumed), ("straight", straight))}
+    assert all(torch.equal(weights["resumed"][k], weights["straight"][k]) for k in weights["straight"])
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])

@@ -219,6 +219,36 @@ def test_a_run_with_only_sft_reports_no_data_for_the_other_panels(tmp_path: Path
     assert "before \u2192 after" not in page and "Sample responses" not in page and "Evaluation</h2>" not in page
 
 
+def write_dpo(run: Path, beta: float = 0.5) -> None:
+    records = [{"step": step, "time": 1.0, "train/loss": 0.69 - 0.01 * step, "train/rewards/chosen": -0.02 * step,
+                "train/rewards/margins": 0.03 * step, "train/rewards/accuracies": 0.5 + 0.02 * step}
+               for step in range(1, 11)]
+    records += [{"step": 10, "time": 1.0, "eval/loss": 0.6, "eval/rewards/margins": 0.25,
+                 "eval/rewards/accuracies": 0.7}]
+    write_stage(run, "dpo", records, config={"beta": beta}, config_text=f"beta: {beta}\n",
+                metrics={"train/loss": 0.59, "eval/accuracy": 0.7, "eval/margin": 0.25, "eval/logratio_chosen": -0.4})
+
+
+def test_a_dpo_stage_adds_its_two_panels_and_its_row(run: Path):
+    without = curves_figure("my-run", load_run(run))
+    assert len(panel_texts(without)) == 8 and "dpo" not in load_run(run)
+    write_dpo(run, beta=0.5)
+    stages = load_run(run)
+    fig = curves_figure("my-run", stages)
+
+    texts = panel_texts(fig)
+    assert len(texts) == 10 and all("no data" not in text for text in texts)
+    # (i): the loss, then the chosen responses' log-ratio (the implicit reward over beta) on its own axis.
+    loss_ax = next(ax for ax in fig.axes if ax.get_title().startswith("(i)"))
+    assert list(loss_ax.get_lines()[0].get_ydata()) == pytest.approx([0.69 - 0.01 * s for s in range(1, 11)])
+    logratio = next(line for ax in fig.axes for line in ax.get_lines() if line.get_label() == "log-ratio, chosen")
+    assert list(logratio.get_ydata()) == pytest.approx([-0.02 * s / 0.5 for s in range(1, 11)])
+    assert list(raw_line(fig, "(j)").get_ydata()) == pytest.approx([0.03 * s for s in range(1, 11)])
+    _, html_path = write_report(run)
+    page = html_path.read_text(encoding="utf-8")
+    assert "<b>dpo</b>" in page and "eval/logratio_chosen" in page
+
+
 def test_missing_run_dir_raises_an_error_naming_it(tmp_path: Path):
     missing = tmp_path / "no-such-run"
     with pytest.raises(CheckpointError, match=re.escape(str(missing))):

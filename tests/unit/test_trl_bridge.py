@@ -53,6 +53,15 @@ def test_the_trainer_methods_we_override_are_still_there():
         f"transformers Trainer.save_model changed its signature to {list(save)}: update rlhf.trl_bridge.trainer_class")
 
 
+def test_the_dpo_trainer_method_we_override_is_still_there():
+    from trl import DPOTrainer
+
+    prepare = inspect.signature(DPOTrainer._prepare_dataset).parameters
+    assert list(prepare) == ["self", "dataset", "processing_class", "args", "dataset_name"], (
+        f"trl DPOTrainer._prepare_dataset changed its signature to {list(prepare)}: update "
+        "rlhf.trl_bridge.tokenized_preference_trainer")
+
+
 def test_the_trainer_draws_its_examples_through_the_step_sorted_sampler(tmp_path):
     trainer = _trainer(tmp_path, sort_micro_batches=True)
     order = [i for batch in trainer.get_train_dataloader() for i in batch["idx"].tolist()]
