@@ -74,6 +74,31 @@ def test_dpo_trains_on_exactly_the_text_contract_ids(setup, monkeypatch):
     assert seen >= 6 * 8 * 2 * 0.75  # training batches (and the evaluation's) went through: chosen and rejected
 
 
+def conversational(row: dict) -> dict:
+    return {"prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]}
+
+
+def transcripts(row: dict) -> dict:
+    return {side: f"\n\nHuman: {row['prompt']}\n\nAssistant:{row[side]}" for side in ("chosen", "rejected")}
+
+
+@pytest.mark.parametrize("layout", [conversational, transcripts])
+def test_dpo_reads_the_other_preference_layouts(setup, layout):
+    """Message lists (the tokenizer gets the default chat template) and HH-style transcripts split at the
+    assistant marker, as the reward stage reads them; the pairs trained on come from the text contract."""
+    root = setup[0]
+    data = write_jsonl(root / f"prefs-{layout.__name__}.jsonl",
+                       [layout(r) for r in demo_rows("preferences.jsonl", 24)])
+    out = dpo.run(config(setup, f"layout-{layout.__name__}", f"data.path={data}", "train.max_steps=2"))
+    manifest = read_manifest(out)
+    assert manifest["data"]["num_train"] + manifest["data"]["num_eval"] == 24
+    assert math.isfinite(manifest["metrics"]["train/loss"])
+    if layout is conversational:
+        assert load_tokenizer(dpo.policy_model_config(config(setup, "x", f"model.name_or_path={out}"))).chat_template
+
+
 def test_lora_dpo_loads_no_reference_copy(setup, monkeypatch):
     loads = []
     original = dpo.load_causal_lm
