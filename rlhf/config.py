@@ -129,6 +129,9 @@ class DataConfig:
     prompt_marker: str = option(
         "\n\nAssistant:", doc="Where implicit-prompt preference texts split into prompt and answer (the last one)."
     )
+    margin_from_scores: bool = option(
+        False, doc="UltraFeedback layout: a pair's margin is score_chosen - score_rejected (the reward model's "
+                   "loss then asks for at least that gap); off, the scores are not used.")
     on_bad_row: Literal["error", "drop"] = option("drop", doc="What to do with rows whose content is unusable.")
     max_bad_fraction: float = option(0.05, doc="Fail anyway when more than this fraction of rows is bad.", ge=0, le=1)
     max_length: int | None = option(None, doc="Longest row in tokens; longer rows are bad rows (never truncated).", ge=1)
@@ -746,6 +749,8 @@ class DPOConfig(StageConfig):
         self.train.validate()
         if self.peft.method == "prefix":
             raise ConfigError("peft.method=prefix is for the SFT stage only; use full, lora or partial for DPO")
+        if self.data.margin_from_scores:
+            raise ConfigError("data.margin_from_scores has no effect in DPO (its losses take no margin); remove it")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}; set "
                               "label_smoothing=0 or change loss_type")

@@ -120,6 +120,37 @@ def demo_rows(name: str, n: int) -> list[dict]:
         return [json.loads(next(handle)) for _ in range(n)]
 
 
+def ultrafeedback_rows(n: int, start: int = 0) -> list[dict]:
+    """Rows in UltraFeedback binarized's own layout, made from the demo's preference pairs: ``prompt`` a string,
+    ``chosen`` / ``rejected`` / ``messages`` whole conversations whose user turn is the prompt, ``prompt_id``,
+    ``score_chosen`` and ``score_rejected``."""
+    import hashlib
+
+    rows = []
+    for i, pair in enumerate(demo_rows("preferences.jsonl", start + n)[start:]):
+        prompt = pair["prompt"]
+        chosen = [{"content": prompt, "role": "user"}, {"content": pair["chosen"].strip(), "role": "assistant"}]
+        rejected = [{"content": prompt, "role": "user"}, {"content": pair["rejected"].strip(), "role": "assistant"}]
+        rows.append({"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "chosen": chosen,
+                     "rejected": rejected, "messages": chosen, "score_chosen": 8.0 - i % 3,
+                     "score_rejected": 4.5 + i % 2})
+    return rows
+
+
+def save_ultrafeedback(path: Path, n: int = 48) -> Path:
+    """A ``save_to_disk`` DatasetDict with UltraFeedback binarized's split names: train_prefs, test_prefs,
+    train_sft, test_sft (the sft splits hold the chosen conversations, as the real dataset's do)."""
+    import datasets
+
+    train = ultrafeedback_rows(n)
+    seen = {row["prompt"] for row in train}
+    test = [row for row in ultrafeedback_rows(4 * n, start=n) if row["prompt"] not in seen][: max(n // 4, 4)]
+    splits = {"train_prefs": train, "test_prefs": test, "train_sft": train, "test_sft": test}
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
+        str(path))
+    return path
+
+
 def save_tiny_sft_and_reward(root: Path) -> tuple[Path, Path]:
     """A tiny SFT policy (``root/sft``) and a reward model built on it (``root/reward``), sharing the plain
     tokenizer: the models of the PPO, evaluation and fault tests."""

@@ -99,6 +99,7 @@ def prepare_dataset(
     max_bad_fraction: float = 0.05,
     token_length: Callable[[dict[str, Any]], int] | None = None,
     max_length: int | None = None,
+    margin_from_scores: bool = False,
 ) -> PreparedData:
     """Load, normalise and validate ``path``, then hold out or load evaluation rows and check they share no prompt.
 
@@ -112,6 +113,7 @@ def prepare_dataset(
         token_length=token_length,
         max_length=max_length,
         prompt_marker=prompt_marker,
+        margin_from_scores=margin_from_scores,
     )
     train_result = _read(path, split, kind, checks)
     eval_source = eval_path if eval_path is not None else (path if eval_split is not None else None)
@@ -148,7 +150,8 @@ def prepare_stage_data(cfg: Any, kind: Kind, token_length: Callable[[dict[str, A
     return prepare_dataset(data.path, kind, split=data.split, eval_path=data.eval_path, eval_split=data.eval_split,
                            eval_fraction=data.eval_fraction, seed=cfg.seed, prompt_marker=data.prompt_marker,
                            on_bad_row=data.on_bad_row, max_bad_fraction=data.max_bad_fraction,
-                           token_length=token_length, max_length=data.max_length)
+                           token_length=token_length, max_length=data.max_length,
+                           margin_from_scores=data.margin_from_scores)
 
 
 def to_hf_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:

@@ -3,6 +3,10 @@
 Formats (columns; the first that fits wins, in this order):
 
 - ``preference``: ``prompt``, ``chosen``, ``rejected`` (strings, or message lists), optional numeric ``margin``;
+- ``conversation_preference`` (UltraFeedback binarized): ``prompt`` a string, ``chosen`` and ``rejected`` whole
+  conversations (message lists) that open with the same turns, the first user turn repeating ``prompt``; optional
+  ``score_chosen`` / ``score_rejected`` (their difference is the margin when asked for), ``prompt_id`` and
+  ``messages`` (which serves SFT from the same file);
 - ``implicit_preference``: ``chosen``, ``rejected`` holding the whole conversation (Anthropic HH style) or message
   lists that start with the same messages;
 - ``prompt_completion``: ``prompt``, ``completion`` (strings, or message lists);
@@ -14,8 +18,8 @@ Kinds and the canonical rows they produce (other columns are dropped):
 
 - ``text``: ``{"text"}`` from ``text``;
 - ``sft``: ``{"prompt", "completion"}`` from ``prompt_completion``, ``{"messages"}`` from ``messages``;
-- ``preference``: ``{"prompt", "chosen", "rejected"}`` (+ ``margin``) from ``preference`` and
-  ``implicit_preference``;
+- ``preference``: ``{"prompt", "chosen", "rejected"}`` (+ ``margin``) from ``preference``,
+  ``conversation_preference`` and ``implicit_preference``;
 - ``prompt``: ``{"prompt"}`` from any format with prompts, deduplicated keeping the first occurrence.
 
 An implicit prompt is split off at the last ``prompt_marker`` inside the longest common prefix of ``chosen`` and
@@ -68,6 +72,8 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("preference", ("prompt", "chosen", "rejected"), "optional numeric margin"),
+        Format("conversation_preference", ("prompt", "chosen", "rejected"),
+               "UltraFeedback binarized: prompt a string, chosen and rejected whole conversations opening with it"),
         Format("implicit_preference", ("chosen", "rejected"), "whole conversations split at data.prompt_marker"),
         Format("prompt_completion", ("prompt", "completion")),
         Format("messages", ("messages",), "a list of {role, content}"),
@@ -83,7 +89,7 @@ KIND_FORMATS: dict[str, tuple[str, ...]] = {
     "preference": ("preference", "implicit_preference"),
     "prompt": ("preference", "implicit_preference", "prompt_completion", "messages", "prompt_only"),
 }
-_OPTIONAL_COLUMNS = ("margin",)
+_OPTIONAL_COLUMNS = ("margin", "score_chosen", "score_rejected")
 _KNOWN_COLUMNS = frozenset(c for f in FORMATS.values() for c in f.columns) | frozenset(_OPTIONAL_COLUMNS)
 
 
@@ -147,10 +153,12 @@ def detect_format(columns: set[str], kind: Kind | None = None, *, source: str = 
 
 
 def normalise(
-    rows: Sequence[Row], kind: Kind, *, prompt_marker: str = DEFAULT_PROMPT_MARKER, source: str | None = None
+    rows: Sequence[Row], kind: Kind, *, prompt_marker: str = DEFAULT_PROMPT_MARKER, source: str | None = None,
+    margin_from_scores: bool = False,
 ) -> list[Row]:
     """The canonical rows of ``kind``; raises DataError listing every row that cannot be normalised."""
-    result = normalise_rows(rows, kind, prompt_marker=prompt_marker, source=source)
+    result = normalise_rows(rows, kind, prompt_marker=prompt_marker, source=source,
+                            margin_from_scores=margin_from_scores)
     if result.problems:
         raise DataError(
             f"{source or result.problems[0].where}: {len(result.problems)} problems:\n"
@@ -160,9 +168,11 @@ def normalise(
 
 
 def normalise_rows(
-    rows: Sequence[Row], kind: Kind, *, prompt_marker: str = DEFAULT_PROMPT_MARKER, source: str | None = None
+    rows: Sequence[Row], kind: Kind, *, prompt_marker: str = DEFAULT_PROMPT_MARKER, source: str | None = None,
+    margin_from_scores: bool = False,
 ) -> Normalised:
     """Canonical rows of ``kind`` plus a problem for each row that cannot be normalised, without raising for rows.
+    ``margin_from_scores``: a ``conversation_preference`` pair's margin is ``score_chosen - score_rejected``.
 
     Raises DataError when the columns fit no format of ``kind`` (or there are no rows).
     """
@@ -170,7 +180,7 @@ def normalise_rows(
     label = source or (rows[0].where if rows else "the dataset")
     if not rows:
         raise DataError(f"{label}: {EMPTY_DATASET}")
-    name = detect_format(columns_of(rows), kind, source=label)
+    name = conversation_layout(detect_format(columns_of(rows), kind, source=label), rows)
     canonical: list[Row] = []
     problems: list[Problem] = []
     first_form: dict[str, tuple[str, str]] = {}
@@ -178,6 +188,8 @@ def normalise_rows(
     num_duplicates = 0
     for row in rows:
         data, issues = _convert(name, kind, row.data, prompt_marker)
+        if data is not None and name == "conversation_preference" and kind == "preference" and margin_from_scores:
+            data, issues = _score_margin(data, row.data)
         if data is not None:
             issues = _form_issues(data, row.where, first_form)
         if data is None or issues:
@@ -193,6 +205,36 @@ def normalise_rows(
     if num_duplicates:
         logger.info("%s: removed %d duplicate prompts (kept the first of each)", label, num_duplicates)
     return Normalised(canonical, problems, name, num_duplicates)
+
+
+def conversation_layout(name: str, rows: Sequence[Row]) -> str:
+    """``conversation_preference`` for a ``preference`` dataset whose first complete row has a string prompt and
+    message-list answers (UltraFeedback binarized); else ``name``."""
+    if name != "preference":
+        return name
+    for row in rows:
+        prompt, chosen, rejected = (row.data.get(c) for c in ("prompt", "chosen", "rejected"))
+        if prompt is not None and chosen is not None and rejected is not None:
+            if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+                return "conversation_preference"
+            return name
+    return name
+
+
+def split_conversations(prompt: str, chosen: list, rejected: list) -> tuple[list, list, list] | str:
+    """``(prompt turns, chosen answer, rejected answer)`` of an UltraFeedback pair: the prompt is the turns both
+    conversations open with, and its first user turn must be ``prompt``; else the row's problem as a message."""
+    parts = split_implicit_prompt(chosen, rejected, DEFAULT_PROMPT_MARKER)
+    if parts is None:
+        return ("chosen and rejected do not open with the same turns, so they share no prompt; start both with the "
+                "conversation so far (the user turn holding 'prompt'), or remove the row")
+    turns = parts[0]
+    first_user = next((m.get("content") for m in turns if m.get("role") == "user"), None)
+    if first_user is None or first_user.strip() != prompt.strip():
+        found = "no user turn" if first_user is None else f"the user turn {_short(first_user)}"
+        return (f"prompt {_short(prompt)} disagrees with the conversations, which open with {found}; make the "
+                "first user turn of chosen and rejected the prompt, or remove the row")
+    return parts
 
 
 def split_implicit_prompt(chosen: Any, rejected: Any, prompt_marker: str) -> tuple[Any, Any, Any] | None:
@@ -236,6 +278,8 @@ def _convert(
             issues.append(f"text is {_describe(data['text'])}, expected a string; fix the value or remove the row")
     elif name == "messages":
         issues += _message_issues(data["messages"], "messages")
+    elif name == "conversation_preference" and kind != "prompt":
+        issues += _conversation_issues(data)
     else:
         for column in columns:
             issues += _text_or_messages_issues(data[column], column)
@@ -257,6 +301,13 @@ def _convert(
         if parts is None:
             return None, [(_no_prompt_message(data["chosen"], marker), False)]
         prompt, chosen, rejected = parts
+    elif name == "conversation_preference" and kind != "prompt":
+        parts = split_conversations(data["prompt"], data["chosen"], data["rejected"])
+        if isinstance(parts, str):
+            return None, [(parts, False)]
+        prompt, chosen, rejected = parts
+    elif name == "conversation_preference":  # kind "prompt": the user turn the conversations open with
+        prompt, chosen, rejected = [{"role": "user", "content": data["prompt"]}], None, None
     elif name == "messages":
         prompt, chosen, rejected = prompt_from_messages(data["messages"]), None, None
     else:
@@ -340,6 +391,34 @@ def _message_issues(value: Any, column: str) -> list[str]:
     if len(issues) > _MESSAGES_SHOWN:
         issues = issues[:_MESSAGES_SHOWN] + [f"{column}: {len(issues) - _MESSAGES_SHOWN} more message problems"]
     return issues
+
+
+def _conversation_issues(data: dict[str, Any]) -> list[str]:
+    """Types of an UltraFeedback row: a string prompt and two message lists."""
+    issues = [] if isinstance(data["prompt"], str) else [
+        f"prompt is {_describe(data['prompt'])}, expected a string (this dataset's other rows have a string prompt "
+        "and whole conversations in chosen and rejected); fix the value or remove the row"]
+    for column in ("chosen", "rejected"):
+        if isinstance(data[column], list):
+            issues += _message_issues(data[column], column)
+        else:
+            issues.append(f"{column} is {_describe(data[column])}, expected the whole conversation as a list of "
+                          "messages like this dataset's other rows; fix the value or remove the row")
+    return issues
+
+
+def _score_margin(row: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple[str, bool]]]:
+    """``row`` with the margin ``score_chosen - score_rejected`` (data.margin_from_scores)."""
+    issues = []
+    for column in ("score_chosen", "score_rejected"):
+        value = data.get(column)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            issues.append((f"{column} is {_describe(value)}, expected a finite number: data.margin_from_scores=true "
+                           "takes the margin from the scores; fix the value or set data.margin_from_scores=false",
+                           True))
+    if issues:
+        return None, issues
+    return {**row, "margin": float(data["score_chosen"]) - float(data["score_rejected"])}, []
 
 
 def _mixed_issues(data: dict[str, Any], columns: Sequence[str]) -> list[str]:

@@ -120,6 +120,7 @@ def validate_rows(
     max_length: int | None = None,
     prompt_marker: str = DEFAULT_PROMPT_MARKER,
     prior_problems: Sequence[Problem] = (),
+    margin_from_scores: bool = False,
 ) -> ValidationResult:
     """Normalise and check ``rows`` (loaded or already canonical) and apply the bad-row policy.
 
@@ -129,7 +130,8 @@ def validate_rows(
     """
     check_kind(kind)
     _check_policy(on_bad_row, max_bad_fraction, token_length, max_length)
-    found = _inspect(rows, kind, source, prompt_marker, token_length, max_length, prior_problems)
+    found = _inspect(rows, kind, source, prompt_marker, token_length, max_length, prior_problems,
+                     margin_from_scores)
     fatal = [problem for problem in found.problems if problem.fatal]
     others = [problem for problem in found.problems if not problem.fatal]
     if fatal:
@@ -172,6 +174,7 @@ def check_source(
     prompt_marker: str = DEFAULT_PROMPT_MARKER,
     token_length: Callable[[dict[str, Any]], int] | None = None,
     max_length: int | None = None,
+    margin_from_scores: bool = False,
 ) -> SourceReport:
     """Every problem of a source, fatal or not, without raising for any of them."""
     check_kind(kind)
@@ -185,7 +188,7 @@ def check_source(
     columns = columns_of(rows)
     if fit_format(columns, kind) is None:
         return SourceReport(load_problems + [Problem(path, schema_message(columns, kind), True)], num_rows, None, 0)
-    found = _inspect(rows, kind, path, prompt_marker, token_length, max_length, load_problems)
+    found = _inspect(rows, kind, path, prompt_marker, token_length, max_length, load_problems, margin_from_scores)
     return SourceReport(found.problems, num_rows, found.format, found.num_duplicates_removed)
 
 
@@ -214,9 +217,12 @@ def validate_data_main(argv: list[str] | None = None) -> int:
         help=r"where implicit-prompt preference texts split (\n and \t are read as newline and tab); "
         r"default '\n\nAssistant:'",
     )
+    parser.add_argument("--margin-from-scores", action="store_true",
+                        help="UltraFeedback layout: check score_chosen / score_rejected, which give the pair's margin")
     args = parser.parse_args(argv)
     marker = args.prompt_marker.replace("\\n", "\n").replace("\\t", "\t")
-    report = check_source(args.file, args.kind, split=args.split, prompt_marker=marker)
+    report = check_source(args.file, args.kind, split=args.split, prompt_marker=marker,
+                          margin_from_scores=args.margin_from_scores)
     for problem in report.problems:
         print(problem)
     details = f"format {report.format}" if report.format else "no format fits"
@@ -240,6 +246,7 @@ def _inspect(
     token_length: Callable[[dict[str, Any]], int] | None,
     max_length: int | None,
     prior_problems: Sequence[Problem],
+    margin_from_scores: bool = False,
 ) -> _Inspection:
     """Normalisation and content problems together, in row order; raises DataError only for the schema."""
     if not rows:
@@ -247,7 +254,8 @@ def _inspect(
             raise DataError(f"{source}: no row can be read:\n{format_problems(prior_problems)}\nFix these lines.")
         raise DataError(f"{source}: {EMPTY_DATASET}")
     try:
-        normalised = normalise_rows(rows, kind, prompt_marker=prompt_marker, source=source)
+        normalised = normalise_rows(rows, kind, prompt_marker=prompt_marker, source=source,
+                                    margin_from_scores=margin_from_scores)
     except DataError as err:
         if not prior_problems:
             raise

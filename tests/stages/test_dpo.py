@@ -177,6 +177,7 @@ def test_held_out_pairs_give_the_implicit_reward_metrics(setup):
 @pytest.mark.parametrize("overrides, message", [
     (["peft.method=prefix"], "peft.method=prefix"),
     (["loss_type=ipo", "label_smoothing=0.1"], "label_smoothing"),
+    (["data.margin_from_scores=true"], "data.margin_from_scores"),
 ])
 def test_config_errors_name_the_keys(setup, overrides, message):
     with pytest.raises(ConfigError, match=message):
