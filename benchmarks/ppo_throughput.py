@@ -129,6 +129,8 @@ def ppo_overrides(workload: dict[str, Any], models: Path, run_dir: Path, args: a
         f"model.gradient_checkpointing={str(workload['gradient_checkpointing']).lower()}",
         # One held-out prompt before and after training (outside the timed updates), no gold judge, no tables.
         "eval.num_prompts=1", "eval.gold_judge=false", "eval.samples=0",
+        # Untrained models on a fixed workload: the checks of a real reward model and SFT policy do not apply.
+        "checks.min_score_std=0", "checks.min_eos_rate=0",
         f"samples_every={workload['warmup_updates'] + workload['timed_updates']}",
     ]
 

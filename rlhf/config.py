@@ -676,6 +676,12 @@ class RewardConfig(StageConfig):
     center_rewards_coefficient: float | None = option(
         None, doc="Weight of the penalty on squared rewards that centres them near 0 (Eisenstein et al. 2023).", ge=0
     )
+    gold_judge: bool = option(
+        False, doc="Also report, on the held-out pairs, how often the reward model orders them as the demo's gold "
+                   "judge does (plain-text demo data only).", semantic=False)
+    min_eval_accuracy: float = option(
+        0.6, doc="The gate recorded in the manifest: held-out pair accuracy at least this, or PPO refuses the reward "
+                 "model (its checks.reward_gate=false proceeds anyway). Chance is 0.5.", ge=0, le=1, semantic=False)
 
     @property
     def backbone_path(self) -> str:
@@ -868,6 +874,27 @@ class PPOAlgoConfig:
 
 
 @dataclass
+class ChecksConfig:
+    """Checks of the upstream outputs before PPO spends compute: the reward stage's gate (before any weights load),
+    then the reward model's scores and the SFT policy's stops on the initial held-out evaluation (before the first
+    update). A failed check stops the run with what to change; each key here proceeds anyway."""
+
+    reward_gate: bool = option(
+        True, doc="Refuse a reward model whose held-out accuracy failed its stage's gate (reward.min_eval_accuracy, "
+                  "in its manifest); false proceeds anyway.", semantic=False)
+    min_score_std: float = option(
+        0.01, doc="Refuse to start when the reward model's scores of the initial held-out SFT samples spread less "
+                  "than this (standard deviation, raw score units; from 8 samples): a constant score teaches "
+                  "nothing; 0 disables.",
+        ge=0, semantic=False)
+    min_eos_rate: float = option(
+        0.5, doc="Refuse to start when a smaller share of the initial held-out SFT samples stop (EOS; with "
+                 "rollout.stop_at_stop_token): a policy that does not stop is scored on cut-off text and learns "
+                 "length; 0 disables.", ge=0, le=1,
+        semantic=False)
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation during PPO: generate on held-out prompts and score them."""
 
@@ -916,6 +943,8 @@ class PPOConfig(StageConfig):
     rewards: RewardsConfig = section(RewardsConfig, "The reward model's weight and rule-based reward functions.")
     ppo: PPOAlgoConfig = section(PPOAlgoConfig, "The PPO update.")
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
+    checks: ChecksConfig = section(ChecksConfig, "Checks of the reward model and the SFT policy before the first "
+                                                 "update.")
     samples_every: int = option(10, doc="Log a table of (prompt, response, score) every N updates.", ge=1,
                                 semantic=False)
     speed_paths: bool = option(

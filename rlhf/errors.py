@@ -38,6 +38,12 @@ class StageFailed(RLHFError):
         self.exit_status = exit_status
 
 
+class CheckFailed(RLHFError):
+    """A check between stages found an upstream output unfit for this stage (a reward model that failed its gate,
+    scores that do not spread, a policy that does not stop); the message names what to change and the key that
+    proceeds anyway."""
+
+
 class TrainingDiverged(RLHFError):
     """Training produced non-finite numbers for too many updates in a row; a checkpoint of the last good weights
     was saved."""

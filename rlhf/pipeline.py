@@ -254,7 +254,8 @@ def load_stage_config(spec: StageSpec, run_dir: str | None = None) -> Any:
 STATUS_METRICS = {
     "pretrain": ("eval/loss",),
     "sft": ("eval/loss", "eval/perplexity"),
-    "reward": ("eval/accuracy", "eval/margin"),
+    "reward": ("eval/accuracy", "eval/margin", "eval/length_correlation", "eval/expected_calibration_error",
+               "eval/gold_agreement"),
     "ppo": ("final/score_mean", "final/kl", "final/gold_combined", "final/gold_positive"),
     "dpo": ("eval/accuracy", "eval/margin", "eval/logratio_chosen"),
     "evaluate": ("eval/win_rate_reward_model", "eval/win_rate_gold", "eval/kl_ppo_to_reference",

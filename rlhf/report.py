@@ -507,6 +507,32 @@ def _stage_table(stages: dict[str, StageRecord]) -> str:
     return _table(["stage", "status", "fingerprint", "created", "key final metrics"], rows, raw=True)
 
 
+def _reward_model_report(reward: StageRecord) -> str:
+    """The reward stage's report on its held-out pairs (`rlhf.reward_report`): accuracy by length bucket, the
+    correlation of score with length, the reliability table of its Bradley-Terry probability, gold agreement."""
+    manifest = reward.manifest or {}
+    report, gate = manifest.get("report") or {}, manifest.get("gate") or {}
+    if not report:
+        return ""
+    summary = [["held-out pairs", report["num_pairs"]], ["accuracy", report["accuracy"]],
+               ["gate (reward.min_eval_accuracy)",
+                {True: "passed", False: "failed", None: "not measured"}[gate.get("passed")] +
+                (f" ({gate['min_eval_accuracy']:g})" if "min_eval_accuracy" in gate else "")],
+               ["correlation of score with response length", report.get("length_correlation")],
+               ["expected calibration error", report.get("expected_calibration_error")]]
+    if "gold_agreement" in report:
+        summary.append([f"agreement with the gold judge ({report['gold_pairs']} pairs it does not tie)",
+                        report["gold_agreement"]])
+    rows = [[f"{b['min_length']:g}\u2013{b['max_length']:g}", b["pairs"], b["accuracy"]] for b in report["by_length"]]
+    bins = [[f"{c['confidence'][0]:g}\u2013{c['confidence'][1]:g}", c["pairs"], c["mean_confidence"], c["accuracy"]]
+            for c in report["calibration"]]
+    return ("<h2>Reward model on its held-out pairs</h2>" + _table(["measure", "value"], summary, cls="numbers")
+            + "<h3>Accuracy by response length (tokens, the pair's mean)</h3>"
+            + _table(["length", "pairs", "accuracy"], rows, cls="numbers")
+            + "<h3>Calibration: the Bradley\u2013Terry probability of its choice against how often it is right</h3>"
+            + _table(["confidence", "pairs", "mean confidence", "accuracy"], bins, cls="numbers"))
+
+
 def _before_after(ppo: StageRecord) -> str:
     """PPO's held-out metrics before training (``initial/*``) and after it (``final/*``)."""
     metrics = (ppo.manifest or {}).get("metrics", {})
@@ -620,6 +646,7 @@ def render_html(run_dir: Path, run_name: str, stages: dict[str, StageRecord], pn
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>",
         "<h2>Stages</h2>",
         _stage_table(stages),
+        _reward_model_report(stages["reward"]),
         _before_after(stages["ppo"]),
     ]
     eval_path = eval_results_path(run_dir)

@@ -199,6 +199,13 @@ class RewardText:
     def for_model(cls, tokenizer: Any, *, is_encoder: bool) -> "RewardText":
         return cls(tokenizer, None if is_encoder else TextContract.from_tokenizer(tokenizer))
 
+    def response_length(self, prompt: PromptLike, response: PromptLike) -> int:
+        """The response's length in tokens, as this reward model reads it."""
+        if self.contract is not None:
+            return len(self.contract.response_ids(prompt, response))
+        r = flatten_messages(response) if is_conversational(response) else response
+        return len(self.tokenizer(r, add_special_tokens=False)["input_ids"])
+
     def ids(self, prompt: PromptLike, response: PromptLike) -> list[int]:
         if self.contract is not None:
             return self.contract.sequence(prompt, response)[0]

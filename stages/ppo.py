@@ -34,10 +34,12 @@ from rlhf.checkpoint import (
     latest_checkpoint,
     output_dir_of,
     read_json,
+    read_manifest,
     require_upstream,
     truncate_logs_to,
     write_json_atomic,
 )
+from rlhf.checks import check_initial_samples, check_reward_gate
 from rlhf.config import BatchLayout, PPOConfig
 from rlhf.data import prepare_stage_data
 from rlhf.errors import ConfigError, TrainingDiverged
@@ -318,6 +320,10 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             logger.info("ppo: resumed from %s (update %d)", inputs.resume_from, start_update)
         evaluator = Evaluator(cfg, models, inputs, stage.tracker)
         eval_before = evaluator.before_training(start_update, stage.output_dir)
+        if start_update == 0:  # the checks of the initial samples passed (or were waived) before a resume
+            loop.checks = check_initial_samples(cfg.checks, evaluator.records,
+                                                scores_train=bool(cfg.rewards.reward_model_weight),
+                                                stops=cfg.rollout.stop_at_stop_token)
         if on_update is not None:
             on_update(start_update, models.view())
 
@@ -371,6 +377,8 @@ def read_inputs(cfg: PPOConfig, state: Any) -> Inputs:
         require_upstream(cfg.policy_path, stage="sft", run_dir=cfg.run_dir)
     if not cfg.reward_model.name_or_path and cfg.uses_reward_model:
         require_upstream(cfg.reward_path, stage="reward", run_dir=cfg.run_dir)
+    if cfg.rewards.reward_model_weight:
+        check_reward_gate(cfg.checks, read_manifest(cfg.reward_path), cfg.reward_path)
     policy_cfg = speed.model_config(cfg, dataclasses.replace(cfg.model, name_or_path=cfg.policy_path))
     check_model_source(policy_cfg, key="model.name_or_path")
     tokenizer = load_tokenizer(policy_cfg)
@@ -506,6 +514,7 @@ class LoopState:
     rollout_s: float = 0.0
     train_s: float = 0.0
     tokens: float = 0.0
+    checks: dict[str, float] = dataclasses.field(default_factory=dict)  # what the checks before training measured
 
     def record(self, cfg: PPOConfig, result: UpdateResult, step: int) -> None:
         """Count the update (a skipped one too), and adapt the KL coefficient to a finished one."""
@@ -635,6 +644,7 @@ class Evaluator:
         self.cfg, self.models, self.inputs, self.tracker = cfg, models, inputs, tracker
         self.prompts = inputs.eval_prompts
         self.use_gold = cfg.eval.gold_judge and all(isinstance(p, str) for p in self.prompts.prompts)
+        self.records: list[dict[str, Any]] = []  # the last evaluation's, on every process
 
     def run(self, update: int) -> dict[str, float]:
         from accelerate.utils import gather_object
@@ -655,6 +665,7 @@ class Evaluator:
                                       progress=f"held-out eval (update {update})" if accelerator.is_main_process
                                       else None)
         records = sorted(gather_object(records), key=lambda rec: rec["index"])
+        self.records = records
         metrics = summarise_records(records)
         self.tracker.log({**metrics, EPISODE_METRIC: update * cfg.rollout.batch_size}, step=update)
         if cfg.eval.samples:
@@ -701,6 +712,7 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
                                           "reference": "adapters disabled" if models.scoring.reference is None
                                           else "copy",
                                           "policy_saved_as": saved, "score_norm": loop.score_stats,
+                                          "checks": loop.checks,
                                           "kl_coef_final": loop.kl_ctl.value, "data": inputs.data_stats})
 
 

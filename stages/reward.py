@@ -60,6 +60,36 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, floa
             "reward_mean": both.mean().item(), "reward_std": both.std().item()}
 
 
+#: The reward-model report's numbers that are also final metrics (``eval/<name>``).
+REPORT_METRICS = ("length_correlation", "expected_calibration_error", "gold_agreement")
+
+
+def held_out_report(cfg: RewardConfig, text: RewardText, rows: list[dict[str, Any]], chosen: torch.Tensor,
+                    rejected: torch.Tensor) -> dict[str, Any]:
+    """`rlhf.reward_report.reward_model_report` of the held-out pairs: their scores, their responses' lengths in
+    tokens and, with ``gold_judge`` on plain-text pairs, the demo judge's verdicts."""
+    from rlhf.reward_report import reward_model_report
+
+    lengths = {side: [text.response_length(row["prompt"], row[side]) for row in rows] for side in ("chosen", "rejected")}
+    gold = None
+    if cfg.gold_judge and all(isinstance(row["chosen"], str) for row in rows):
+        from rlhf.demo.judge import judge
+
+        gold = [tuple(judge(str(row["prompt"]), row[side].strip(), True).combined for side in ("chosen", "rejected"))
+                for row in rows]
+    return reward_model_report(chosen.tolist(), rejected.tolist(), lengths["chosen"], lengths["rejected"], gold)
+
+
+def gate(accuracy: float | None, minimum: float) -> dict[str, Any]:
+    """What the manifest records for PPO's check (``checks.reward_gate``): whether the held-out pair accuracy
+    reached ``reward.min_eval_accuracy`` (``passed`` None without held-out pairs: not measured)."""
+    passed = None if accuracy is None else accuracy >= minimum
+    if passed is False:
+        logger.warning("reward: held-out accuracy %.3f is below reward.min_eval_accuracy=%g; PPO will refuse this "
+                       "reward model unless its checks.reward_gate=false", accuracy, minimum)
+    return {"min_eval_accuracy": minimum, "eval_accuracy": accuracy, "passed": passed}
+
+
 def trl_args(cfg: RewardConfig, output_dir: Path, num_processes: int, has_eval: bool) -> Any:
     """Our config as TRL's ``RewardConfig``."""
     from trl import RewardConfig as TRLRewardConfig
@@ -125,10 +155,13 @@ def run(cfg: RewardConfig) -> Path:
         pad = tokenizer.pad_token_id
         metrics: dict[str, Any] = {"train/loss": result.training_loss, "train/steps": trainer.state.global_step,
                                    "time/train_s": train_s, "trainable_parameters": trainable}
+        report: dict[str, Any] = {}
         if eval_pairs:
             chosen = score_sequences(scorer, [p["chosen_ids"] for p in eval_pairs], pad_token_id=pad)
             rejected = score_sequences(scorer, [p["rejected_ids"] for p in eval_pairs], pad_token_id=pad)
             held_out = pair_metrics(chosen, rejected)
+            report = held_out_report(cfg, text, data.eval, chosen, rejected)
+            held_out.update({k: report[k] for k in REPORT_METRICS if report.get(k) is not None})
             metrics.update({f"eval/{k}": v for k, v in held_out.items()})
             stage.tracker.log({f"eval/{k}": v for k, v in held_out.items()}, step=trainer.state.global_step)
         reference = [p["chosen_ids"] for p in train_pairs[:2048]]
@@ -142,4 +175,6 @@ def run(cfg: RewardConfig) -> Path:
             write_json_atomic(stage.output_dir / REWARD_STATS_FILE, stats)
         state.wait_for_everyone()
         return stage.complete(metrics, extra={"data": data.stats, "reward_stats": stats, "saved_as": saved,
-                                              "num_processes": state.num_processes, "peft_method": cfg.peft.method})
+                                              "num_processes": state.num_processes, "peft_method": cfg.peft.method,
+                                              "gate": gate(metrics.get("eval/accuracy"), cfg.min_eval_accuracy),
+                                              "report": report})

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 
 def _overrides(root, name, sft, rm, prompts, eval_prompts):
     return [f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
-            f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8",
+            f"data.path={prompts}", f"data.eval_path={eval_prompts}", "checks.min_eos_rate=0", "rollout.batch_size=8",
             "rollout.max_new_tokens=8", "rollout.score_norm=first_rollout", "ppo.num_updates=1", "ppo.ppo_epochs=2",
             "ppo.num_minibatches=2", "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false",
             "optim.lr_scheduler=constant", "samples_every=1",

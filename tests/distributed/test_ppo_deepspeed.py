@@ -34,7 +34,8 @@ def test_ppo_trains_saves_and_resumes_under_deepspeed(tmp_path, zero):
             str(REPO_ROOT / "configs" / "accelerate" / f"{zero}.yaml"), "--num_processes", "1",
             "--mixed_precision", "no", str(REPO_ROOT / "launch" / "ppo.py"), f"run_dir={tmp_path / 'run'}",
             f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}", f"data.path={prompts}",
-            f"data.eval_path={eval_prompts}", "rollout.batch_size=8", "rollout.max_new_tokens=8",
+            f"data.eval_path={eval_prompts}",
+            "checks.min_eos_rate=0", "rollout.batch_size=8", "rollout.max_new_tokens=8",
             "rollout.score_norm=none", "ppo.num_minibatches=2", "ppo.micro_batch_size=2", "eval.num_prompts=8",
             "eval.gold_judge=false", "optim.learning_rate=1e-2", "checkpoint.save_every=1"]
     first = subprocess.run([*base, "ppo.num_updates=2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -94,6 +95,7 @@ def test_a_non_finite_gradient_never_reaches_the_weights_under_deepspeed_bf16(tm
            str(ds_config), "--num_processes", "1", str(REPO_ROOT / "launch" / "ppo.py"), f"run_dir={tmp_path / 'run'}",
            f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}", f"data.path={prompts}",
            "data.eval_path=null", "data.eval_fraction=0.1", "eval.num_prompts=2", "eval.gold_judge=false",
+           "checks.min_eos_rate=0",
            "rollout.batch_size=8", "rollout.max_new_tokens=6", "rollout.score_norm=none", "ppo.num_updates=3",
            "ppo.num_minibatches=2", "ppo.micro_batch_size=2", "optim.learning_rate=1e-2", "checkpoint.save_every=1",
            "checkpoint.keep_last=3"]

@@ -56,7 +56,8 @@ def overrides(stage: str, tmp_path: Path, models: dict, data: Path, *extra: str)
         return [*common, f"model.name_or_path={models['base']}", "data.max_length=null", "train.max_steps=1",
                 "train.batch_size=4", "train.micro_batch_size=4", *extra]
     return [*common, f"model.name_or_path={models['base']}", f"reward_model.name_or_path={models['reward']}",
-            "data.eval_path=null", "rollout.batch_size=4", "rollout.max_new_tokens=4", "rollout.micro_batch_size=4",
+            "data.eval_path=null",
+            "checks.min_eos_rate=0", "rollout.batch_size=4", "rollout.max_new_tokens=4", "rollout.micro_batch_size=4",
             "rollout.score_norm=none", "ppo.num_updates=1", "ppo.ppo_epochs=1", "ppo.num_minibatches=1",
             "ppo.micro_batch_size=4", "eval.gold_judge=false", "upstream_configs={}", *extra]
 

@@ -76,7 +76,8 @@ def overrides(inputs, stage, name, steps):
     if stage_of(stage) == "ppo":
         return common + VARIANTS.get(stage, []) + [
             f"model.name_or_path={inputs['base']}", f"reward_model.name_or_path={inputs['rm']}",
-            f"data.path={inputs['prompts.jsonl']}", f"data.eval_path={inputs['eval.jsonl']}", "rollout.batch_size=8",
+            f"data.path={inputs['prompts.jsonl']}", f"data.eval_path={inputs['eval.jsonl']}",
+            "checks.min_eos_rate=0", "rollout.batch_size=8",
             "rollout.max_new_tokens=8", "rollout.score_norm=none", f"ppo.num_updates={steps}", "ppo.ppo_epochs=1",
             "ppo.num_minibatches=1", "ppo.micro_batch_size=8", "eval.num_prompts=4", "eval.every=1000",
             "eval.gold_judge=false", "checkpoint.save_every=2", "checkpoint.keep_last=2"]

@@ -28,7 +28,8 @@ def run(models, name, *extra, snapshots=None):
     cfg = load_config(PPOConfig, None, [
         f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
         f"data.path={prompts}", "data.eval_path=null", "data.eval_fraction=0.1", "eval.num_prompts=2",
-        "eval.gold_judge=false", "rollout.batch_size=8", "rollout.max_new_tokens=6", "rollout.score_norm=none",
+        "eval.gold_judge=false",
+        "checks.min_eos_rate=0", "rollout.batch_size=8", "rollout.max_new_tokens=6", "rollout.score_norm=none",
         "ppo.num_updates=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=4", "optim.learning_rate=1e-2", *extra])
 
     def snapshot(step, trained):

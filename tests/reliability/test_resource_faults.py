@@ -27,7 +27,8 @@ FILE_SIZE_LIMIT = 48 * 1024
 def ppo_overrides(root, sft_dir, rm, prompts):
     return [f"run_dir={root / 'full'}", f"model.name_or_path={sft_dir}", f"reward_model.name_or_path={rm}",
             f"data.path={prompts}", "data.eval_path=null", "data.eval_fraction=0.1", "eval.num_prompts=2",
-            "eval.every=1000", "eval.gold_judge=false", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+            "eval.every=1000", "eval.gold_judge=false",
+            "checks.min_eos_rate=0", "rollout.batch_size=4", "rollout.max_new_tokens=4",
             "rollout.score_norm=none", "ppo.num_updates=4", "ppo.ppo_epochs=1", "ppo.num_minibatches=1",
             "ppo.micro_batch_size=4", "checkpoint.save_every=1", "checkpoint.keep_last=3", "logging.report_to=[jsonl]"]
 

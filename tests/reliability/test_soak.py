@@ -37,7 +37,8 @@ def test_soak_kill_and_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     def overrides(name):
         return [f"run_dir={tmp_path / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
                 f"data.path={prompts}", "data.eval_path=null", "data.eval_fraction=0.1", "eval.num_prompts=2",
-                "eval.every=50", "eval.gold_judge=false", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+                "eval.every=50", "eval.gold_judge=false",
+                "checks.min_eos_rate=0", "rollout.batch_size=4", "rollout.max_new_tokens=4",
                 "rollout.score_norm=none", f"ppo.num_updates={UPDATES}", "ppo.ppo_epochs=1", "ppo.num_minibatches=1",
                 "ppo.micro_batch_size=4", f"checkpoint.save_every={SAVE_EVERY}", "checkpoint.keep_last=2",
                 "logging.log_every=5"]

@@ -22,7 +22,8 @@ def setup(tmp_path_factory):
     held_out = write_jsonl(root / "held_out.jsonl", demo_rows("eval_prompts.jsonl", 40))
     out = ppo.run(load_config(PPOConfig, None, [
         f"run_dir={root / 'run'}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
-        f"data.path={prompts}", f"data.eval_path={held_out}", "rollout.batch_size=8", "rollout.max_new_tokens=6",
+        f"data.path={prompts}", f"data.eval_path={held_out}",
+        "checks.min_eos_rate=0", "rollout.batch_size=8", "rollout.max_new_tokens=6",
         "rollout.score_norm=none", "ppo.num_updates=2", "ppo.num_minibatches=1", "ppo.micro_batch_size=4",
         "eval.num_prompts=4", "eval.gold_judge=false", "optim.learning_rate=1e-2"]))
     return root, sft, rm, out, held_out

@@ -17,7 +17,7 @@ from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import DPOConfig, RewardConfig, SFTConfig, load_config
-from rlhf.launcher import REPO_ROOT
+from rlhf.launcher import REPO_ROOT, default_config_path
 from rlhf.signals import EXIT_INTERRUPTED
 from rlhf.tracking import read_metrics
 from stages import dpo, reward, sft
@@ -66,9 +66,12 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, stage):
     stopped_at = int(saved[-1].name.split("-")[1])
     assert 3 <= stopped_at < 40
 
-    resumed = module.run(load_config(config_cls, None, [*overrides, "checkpoint.resume=true"]))
+    # The launcher read the stage's demo config under the overrides; so do the resumed and the uninterrupted run.
+    config = default_config_path(stage)
+    resumed = module.run(load_config(config_cls, config, [*overrides, "checkpoint.resume=true"]))
     assert read_manifest(resumed)["metrics"]["train/steps"] == 40
-    straight = module.run(load_config(config_cls, None, _overrides(tmp_path, "straight", model, data)))
+    straight = module.run(load_config(config_cls, config, _overrides(tmp_path, "straight", model, data)))
+    assert read_manifest(resumed)["fingerprint"] == read_manifest(straight)["fingerprint"]
     last = {name: [r for r in read_metrics(d / "metrics.jsonl") if r.get("step") == 40 and "train/loss" in r][-1]
             for name, d in (("resumed", resumed), ("straight", straight))}
     assert last["resumed"]["train/loss"] == pytest.approx(last["straight"]["train/loss"], abs=1e-5)
@@ -93,7 +96,8 @@ def test_sigterm_during_ppo_saves_a_checkpoint_and_resume_matches_an_uninterrupt
 
     def overrides(name):
         return [f"run_dir={tmp_path / name}", f"model.name_or_path={model}", f"reward_model.name_or_path={rm}",
-                f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8",
+                f"data.path={prompts}", f"data.eval_path={eval_prompts}",
+                "checks.min_eos_rate=0", "rollout.batch_size=8",
                 "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=60", "ppo.ppo_epochs=1",
                 "ppo.num_minibatches=1", "ppo.micro_batch_size=8", "eval.num_prompts=4", "eval.gold_judge=false",
                 f"ppo.advantage_estimator={estimator}", f"rollout.samples_per_prompt={1 if estimator == 'gae' else 4}"]

@@ -41,7 +41,8 @@ def _cfg(setup, name, *extra):
     root, sft, rm, prompts, eval_prompts = setup
     return load_config(PPOConfig, None, [
         f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
-        f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8", "rollout.max_new_tokens=8",
+        f"data.path={prompts}", f"data.eval_path={eval_prompts}",
+        "checks.min_eos_rate=0", "rollout.batch_size=8", "rollout.max_new_tokens=8",
         "rollout.score_norm=none", "ppo.num_updates=1", "ppo.ppo_epochs=2", "ppo.num_minibatches=2",
         "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false", "optim.learning_rate=1e-2",
         "optim.lr_scheduler=constant", *extra,
@@ -464,6 +465,7 @@ def test_a_run_written_outside_its_run_directory_exits_0_without_a_report(setup,
     run_dir, elsewhere = tmp_path / "a" / "new" / "dir", tmp_path / "elsewhere"
     argv = [f"run_dir={run_dir}", f"output_dir={elsewhere}", f"model.name_or_path={sft}",
             f"reward_model.name_or_path={rm}", f"data.path={prompts}", f"data.eval_path={eval_prompts}",
+            "checks.min_eos_rate=0",
             "rollout.batch_size=8", "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=1",
             "ppo.micro_batch_size=2", "eval.num_prompts=8", "eval.gold_judge=false"]
     with caplog.at_level(logging.INFO, logger="rlhf.pipeline"):

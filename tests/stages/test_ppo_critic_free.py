@@ -31,7 +31,8 @@ def config(files, name: str, *extra: str) -> PPOConfig:
     root, sft, rm, prompts, eval_prompts = files
     return load_config(PPOConfig, None, [
         f"run_dir={root / name}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
-        f"data.path={prompts}", f"data.eval_path={eval_prompts}", "rollout.batch_size=8", "rollout.max_new_tokens=8",
+        f"data.path={prompts}", f"data.eval_path={eval_prompts}",
+        "checks.min_eos_rate=0", "rollout.batch_size=8", "rollout.max_new_tokens=8",
         "rollout.samples_per_prompt=4", "rollout.score_norm=first_rollout", "ppo.num_updates=2", "ppo.ppo_epochs=1",
         "ppo.num_minibatches=2", "ppo.micro_batch_size=2", "eval.num_prompts=4", "eval.gold_judge=false",
         "optim.learning_rate=1e-2", "optim.lr_scheduler=constant", *extra,
@@ -194,8 +195,9 @@ def test_a_run_on_reward_functions_alone_loads_no_reward_model(files, monkeypatc
     monkeypatch.setattr(RewardScorer, "__init__", lambda self, *a, **k: built.append(a))
     functions = '{"rlhf.demo.rules:positive_words": 1.0}'
     group = "rollout.samples_per_prompt=1" if estimator == "gae" else "rollout.samples_per_prompt=4"
-    cfg = config(files, f"no-rm-{estimator}", f"ppo.advantage_estimator={estimator}", group, "reward_model.name_or_path=",
-                 "rewards.reward_model_weight=0", "eval.reward_model=false", f"rewards.functions={functions}")
+    cfg = config(files, f"no-rm-{estimator}", f"ppo.advantage_estimator={estimator}", group,
+                 "reward_model.name_or_path=", "rewards.reward_model_weight=0", "eval.reward_model=false",
+                 f"rewards.functions={functions}")
     assert not (Path(cfg.run_dir) / "reward").exists()
     assert pipeline.build_missing_upstream(cfg) == []  # the SFT output is given; no reward stage is built
     out = ppo.run(cfg)

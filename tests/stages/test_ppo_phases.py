@@ -26,7 +26,8 @@ def config(files, *extra: str) -> PPOConfig:
     root, sft, rm, prompts = files
     return load_config(PPOConfig, None, [
         f"run_dir={root / 'run'}", f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}",
-        f"data.path={prompts}", "data.eval_path=null", "rollout.batch_size=8", "rollout.max_new_tokens=8",
+        f"data.path={prompts}", "data.eval_path=null",
+        "checks.min_eos_rate=0", "rollout.batch_size=8", "rollout.max_new_tokens=8",
         "rollout.micro_batch_size=4", "rollout.score_norm=first_rollout", "ppo.num_updates=1", "ppo.ppo_epochs=1",
         "ppo.num_minibatches=2", "ppo.micro_batch_size=2", "optim.learning_rate=1e-2", "optim.lr_scheduler=constant",
         *extra,

@@ -74,7 +74,8 @@ def test_ppo_recipe_two_updates(tiny_qwen, tmp_path):
     cfg = load_config(PPOConfig, RECIPE / "ppo.yaml", [
         f"run_dir={tmp_path}", f"model.name_or_path={model}", f"reward_model.name_or_path={rm}",
         f"data.path={data}", "data.split=train", "data.eval_split=null", "data.eval_fraction=0.1",
-        "model.dtype=float32", "reward_model.dtype=float32", "logging.report_to=[jsonl]", "rollout.batch_size=16",
+        "model.dtype=float32", "reward_model.dtype=float32", "logging.report_to=[jsonl]",
+        "checks.min_eos_rate=0", "rollout.batch_size=16",
         "rollout.max_new_tokens=8", "rollout.score_norm=none", "ppo.num_updates=2", "ppo.micro_batch_size=2",
         "eval.num_prompts=4", "eval.every=0", "checkpoint.save_every=0"])
     assert cfg.peft.method == cfg.critic_peft.method == "lora" and cfg.ppo.num_minibatches == 4

@@ -49,6 +49,47 @@ def test_decoder_reward_model_trains_and_records_stats(setup):
     assert scorer.config.num_labels == 1
 
 
+def test_the_manifest_holds_the_gate_and_the_report_of_the_held_out_pairs(setup):
+    """The report's numbers are those of `rlhf.reward_report` on the held-out pairs' scores, lengths and verdicts."""
+    from rlhf.demo.judge import judge
+    from rlhf.models import load_tokenizer
+    from rlhf.reward_report import reward_model_report
+    from rlhf.text import RewardText
+
+    root, model, data = setup
+    out = reward.run(_cfg(root, model, data, "report", "gold_judge=true", "min_eval_accuracy=0.3"))
+    manifest = read_manifest(out)
+    report, metrics = manifest["report"], manifest["metrics"]
+    assert manifest["gate"] == {"min_eval_accuracy": 0.3, "eval_accuracy": metrics["eval/accuracy"],
+                                "passed": metrics["eval/accuracy"] >= 0.3}
+    assert report["num_pairs"] == manifest["data"]["num_eval"] and report["accuracy"] == metrics["eval/accuracy"]
+    for key in ("length_correlation", "expected_calibration_error", "gold_agreement"):
+        assert metrics[f"eval/{key}"] == report[key]
+    assert sum(b["pairs"] for b in report["by_length"]) == report["num_pairs"]
+    assert sum(c["pairs"] for c in report["calibration"]) == report["num_pairs"]
+    # Recompute from the saved model, the held-out rows and the judge.
+    from rlhf.data import prepare_dataset
+
+    rows = prepare_dataset(str(data), "preference", eval_fraction=0.1, seed=0, max_length=256,
+                           token_length=lambda r: 0).eval
+    text = RewardText.for_model(load_tokenizer(_cfg(root, out, data, "x").model), is_encoder=False)
+    scores = {side: score_sequences(load_scorer(out), [text.ids(r["prompt"], r[side]) for r in rows],
+                                    pad_token_id=text.tokenizer.pad_token_id).tolist() for side in ("chosen", "rejected")}
+    lengths = {side: [len(text.contract.response_ids(r["prompt"], r[side])) for r in rows] for side in scores}
+    gold = [(judge(r["prompt"], r["chosen"], True).combined, judge(r["prompt"], r["rejected"], True).combined)
+            for r in rows]
+    expected = reward_model_report(scores["chosen"], scores["rejected"], lengths["chosen"], lengths["rejected"], gold)
+    assert report["by_length"] == expected["by_length"] and report["gold_pairs"] == expected["gold_pairs"]
+    assert report["gold_agreement"] == pytest.approx(expected["gold_agreement"])
+    assert report["length_correlation"] == pytest.approx(expected["length_correlation"], abs=1e-5)
+
+
+def load_scorer(path):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+
 def test_lora_reward_model_trains_its_score_head(setup):
     root, model, data = setup
     out = reward.run(_cfg(root, model, data, "lora", "peft.method=lora", "peft.lora_r=4",

@@ -229,6 +229,28 @@ def write_dpo(run: Path, beta: float = 0.5) -> None:
                 metrics={"train/loss": 0.59, "eval/accuracy": 0.7, "eval/margin": 0.25, "eval/logratio_chosen": -0.4})
 
 
+def test_the_reward_models_report_is_a_section_of_the_page(run: Path):
+    _, html_path = write_report(run)
+    assert "Reward model on its held-out pairs" not in html_path.read_text(encoding="utf-8")  # no report recorded
+    out = stage_output_dir(run, "reward")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["gate"] = {"min_eval_accuracy": 0.6, "eval_accuracy": 0.72, "passed": True}
+    manifest["report"] = {
+        "num_pairs": 40, "accuracy": 0.72, "length_correlation": 0.31, "expected_calibration_error": 0.04,
+        "gold_pairs": 36, "gold_agreement": 0.694,
+        "by_length": [{"min_length": 3, "max_length": 9, "pairs": 20, "accuracy": 0.8},
+                      {"min_length": 9.5, "max_length": 20, "pairs": 20, "accuracy": 0.64}],
+        "calibration": [{"confidence": [0.5, 0.6], "pairs": 25, "mean_confidence": 0.55, "accuracy": 0.6},
+                        {"confidence": [0.9, 1.0], "pairs": 15, "mean_confidence": 0.93, "accuracy": 0.93}]}
+    write_json_atomic(out / "manifest.json", manifest)
+    _, html_path = write_report(run)
+    page = html_path.read_text(encoding="utf-8")
+    section = page[page.index("Reward model on its held-out pairs"):page.index("</table>", page.index("Calibration"))]
+    for text in ("passed (0.6)", "0.31", "agreement with the gold judge (36 pairs it does not tie)", "0.694",
+                 "9.5\u201320", "0.9\u20131", "0.93"):
+        assert text in section, text
+
+
 def test_a_dpo_stage_adds_its_two_panels_and_its_row(run: Path):
     without = curves_figure("my-run", load_run(run))
     assert len(panel_texts(without)) == 8 and "dpo" not in load_run(run)
