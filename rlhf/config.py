@@ -874,6 +874,34 @@ class PPOAlgoConfig:
 
 
 @dataclass
+class AlarmsConfig:
+    """Reward-hacking alarms during PPO (rlhf/ppo/alarms.py): each rollout signal is a mean over the last
+    ``window`` updates; None switches an alarm off. When one fires: a warning line, an alarm/<name> metric (a marker
+    on the report's curves), a W&B alert when W&B is on, and with ``stop`` a checkpoint and the end of the run."""
+
+    window: int = option(5, doc="Updates each rollout signal is averaged over.", ge=1, semantic=False)
+    ngram: int = option(4, doc="Length in tokens of the n-grams whose repetition the repetition alarm counts.", ge=1,
+                        semantic=False)
+    max_length_correlation: float | None = option(
+        0.7, doc="Fire when the correlation of the reward-model score with response length rises above this.",
+        semantic=False)
+    max_repetition: float | None = option(
+        0.4, doc="Fire when more than this share of responses repeat an n-gram.", ge=0, le=1, semantic=False)
+    min_eos_rate: float | None = option(0.7, doc="Fire when fewer than this share of responses stop.", ge=0, le=1,
+                                        semantic=False)
+    min_entropy_ratio: float | None = option(
+        0.4, doc="Fire when the policy's entropy falls below this fraction of the first update's.", ge=0,
+        semantic=False)
+    max_kl: float | None = option(10.0, doc="Fire when the KL to the reference (nats per response) exceeds this.",
+                                  ge=0, semantic=False)
+    gold_drop: float | None = option(
+        0.05, doc="Held-out evaluations with a gold judge: fire when the gold score falls this far below its best "
+                  "while the reward-model score is above its value at that best.", ge=0, semantic=False)
+    stop: bool = option(False, doc="Stop the run with a checkpoint when an alarm fires (exit status 2).",
+                        semantic=False)
+
+
+@dataclass
 class ChecksConfig:
     """Checks of the upstream outputs before PPO spends compute: the reward stage's gate (before any weights load),
     then the reward model's scores and the SFT policy's stops on the initial held-out evaluation (before the first
@@ -945,6 +973,7 @@ class PPOConfig(StageConfig):
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
     checks: ChecksConfig = section(ChecksConfig, "Checks of the reward model and the SFT policy before the first "
                                                  "update.")
+    alarms: AlarmsConfig = section(AlarmsConfig, "Reward-hacking alarms during training.")
     samples_every: int = option(10, doc="Log a table of (prompt, response, score) every N updates.", ge=1,
                                 semantic=False)
     speed_paths: bool = option(

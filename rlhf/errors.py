@@ -44,6 +44,11 @@ class CheckFailed(RLHFError):
     proceeds anyway."""
 
 
+class AlarmStop(RLHFError):
+    """A reward-hacking alarm fired under ``alarms.stop=true``; a checkpoint of the weights at that update was
+    saved."""
+
+
 class TrainingDiverged(RLHFError):
     """Training produced non-finite numbers for too many updates in a row; a checkpoint of the last good weights
     was saved."""

@@ -87,6 +87,7 @@ COLORS = {
     "train_loss": "#3b5b92",
     "eval_loss": "#e6550d",
     "accuracy": "#2ca02c",
+    "alarm": "#b2182b",
 }
 
 
@@ -289,12 +290,33 @@ def curves_figure(run_name: str, stages: dict[str, StageRecord]) -> Figure:
     _length_panel(panels[3], x)
     _loss_panel(panels[4], x)
     _eval_panel(panels[5], x)
+    _alarm_markers(panels[:6], x)
     _sft_panel(panels[6], stages["sft"])
     _reward_panel(panels[7], stages["reward"])
     if dpo:
         _dpo_loss_panel(panels[8], dpo)
         _dpo_margin_panel(panels[9], dpo)
     return fig
+
+
+def alarm_steps(ppo: StageRecord) -> dict[str, int]:
+    """Each reward-hacking alarm that fired in the PPO run (``alarm/fired/<name>`` metrics) and its update."""
+    fired: dict[str, int] = {}
+    for record in ppo.records:
+        for key in record:
+            if key.startswith("alarm/fired/") and "step" in record:
+                fired.setdefault(key[len("alarm/fired/"):], int(record["step"]))
+    return fired
+
+
+def _alarm_markers(axes: Sequence[Axes], x: _PPOAxis) -> None:
+    """A dashed vertical line, labelled with the alarm's name, on each PPO panel at the update an alarm fired."""
+    for name, step in alarm_steps(x.record).items():
+        for ax in axes:
+            if ax.has_data():
+                ax.axvline(step * x.scale, color=COLORS["alarm"], lw=1.0, ls="--", label=f"alarm: {name}")
+                ax.annotate(f"alarm: {name}", xy=(step * x.scale, 1.0), xycoords=("data", "axes fraction"),
+                            rotation=90, va="top", ha="right", fontsize=7, color=COLORS["alarm"])
 
 
 def _score_and_kl_panels(score_ax: Axes, kl_ax: Axes, x: _PPOAxis) -> None:

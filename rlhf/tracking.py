@@ -400,6 +400,15 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (W&B on; an e-mail or Slack message where the project is set up for them); the other
+        trackers have the alarm as a metric and the log line."""
+        if not self.is_main_process or self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.alert(title=title, text=_scrub(text, _env_secret_values()), level=wandb.AlertLevel.WARN)
+
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         """Record a table (e.g. prompt, response, score samples) at `step`: one samples.jsonl line per row."""
         if not self.is_main_process:

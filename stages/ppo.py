@@ -40,9 +40,10 @@ from rlhf.checkpoint import (
     write_json_atomic,
 )
 from rlhf.checks import check_initial_samples, check_reward_gate
+from rlhf.ppo.alarms import Alarms, correlation, repeated_ngram
 from rlhf.config import BatchLayout, PPOConfig
 from rlhf.data import prepare_stage_data
-from rlhf.errors import ConfigError, TrainingDiverged
+from rlhf.errors import AlarmStop, ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.models import (
     apply_peft,
@@ -311,12 +312,11 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process,
                   x_axis=EPISODE_METRIC) as stage, StopRequest() as stop:
         models = build_models(cfg, accelerator, inputs, layout)
-        loop = LoopState(kl_controller(cfg), inputs.score_stats)
+        loop = LoopState(kl_controller(cfg), inputs.score_stats, alarms=Alarms(cfg.alarms))
         start_update = 0
         if inputs.resume_from is not None:
-            start_update, loop.score_stats = restore(accelerator, models.training.model, inputs.resume_from,
-                                                     models.training.unwrapped, models.training.optimizer,
-                                                     models.training.scheduler, loop.kl_ctl)
+            start_update = restore(accelerator, models.training.model, inputs.resume_from, models.training.unwrapped,
+                                   models.training.optimizer, models.training.scheduler, loop)
             logger.info("ppo: resumed from %s (update %d)", inputs.resume_from, start_update)
         evaluator = Evaluator(cfg, models, inputs, stage.tracker)
         eval_before = evaluator.before_training(start_update, stage.output_dir)
@@ -324,6 +324,7 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             loop.checks = check_initial_samples(cfg.checks, evaluator.records,
                                                 scores_train=bool(cfg.rewards.reward_model_weight),
                                                 stops=cfg.rollout.stop_at_stop_token)
+            loop.alarms.evaluation(0, eval_before)
         if on_update is not None:
             on_update(start_update, models.view())
 
@@ -342,9 +343,11 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
             if step % cfg.samples_every == 0 or step == cfg.ppo.num_updates:
                 log_samples(stage.tracker, inputs.contract, inputs.train_prompts, result.prompt_rows, result.rollout,
                             result.raw_scores, step)
+            fired = loop.alarms.update(step, result.metrics) if result.bad is None else []
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.ppo.num_updates:
-                evaluator.run(step)
-            checkpoint_or_stop(cfg, models, loop, stage.output_dir, step, stop, bad=result.bad)
+                fired += loop.alarms.evaluation(step, evaluator.run(step))
+            sound_alarms(stage.tracker, step, fired, step * cfg.rollout.batch_size)
+            checkpoint_or_stop(cfg, models, loop, stage.output_dir, step, stop, bad=result.bad, alarmed=bool(fired))
         progress.close()
         return finish(cfg, models, inputs, loop, stage, eval_before, evaluator.after_training())
 
@@ -515,6 +518,7 @@ class LoopState:
     train_s: float = 0.0
     tokens: float = 0.0
     checks: dict[str, float] = dataclasses.field(default_factory=dict)  # what the checks before training measured
+    alarms: Alarms | None = None
 
     def record(self, cfg: PPOConfig, result: UpdateResult, step: int) -> None:
         """Count the update (a skipped one too), and adapt the KL coefficient to a finished one."""
@@ -570,6 +574,7 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
 
     losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
     drawn = rollout_means(accelerator, rollout, scored, shaped, cfg.rollout.batch_size)
+    signals = alarm_signals(accelerator, rollout, scored.raw_scores, cfg.alarms.ngram)
     generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
     metrics = {
         **{k: drawn[k] for k in ROLLOUT_METRICS},
@@ -585,8 +590,20 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
         "perf/sampled_tokens": drawn["sampled_tokens"] * cfg.rollout.batch_size,
         "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
         "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
+        **signals,
     }
     return UpdateResult(metrics, trained.bad, prompt_rows, batch.rollout, scored.raw_scores, generated)
+
+
+def alarm_signals(accelerator: Any, rollout: Rollout, raw_scores: torch.Tensor, ngram: int) -> dict[str, float]:
+    """The alarms' rollout signals (`rlhf.ppo.alarms.rollout_signals`) over the global batch: every process's scores
+    and responses, gathered."""
+    mask = rollout.response_mask
+    flags = torch.tensor([float(repeated_ngram(r, ngram)) for r in rollout.response_lists()], device=mask.device)
+    local = torch.stack([raw_scores.float(), mask.sum(-1).float(), flags], dim=1)
+    scores, lengths, repeated = accelerator.gather(local).double().T.tolist()
+    return {"alarm/length_correlation": correlation(scores, lengths),
+            "alarm/repetition": sum(repeated) / max(len(repeated), 1)}
 
 
 def first_rollout_stats(accelerator: Any, raw_scores: torch.Tensor) -> dict[str, float] | None:
@@ -610,16 +627,34 @@ def non_finite_input(accelerator: Any, rollout: Rollout, scored: ScoredRollout, 
         "rewards": shaped.rewards[mask], "advantages": shaped.advantages[mask]})
 
 
+def sound_alarms(tracker: Any, step: int, fired: list[tuple[str, str]], episode: int) -> None:
+    """Each alarm that fired after update ``step``: a warning line, an ``alarm/fired/<name>`` metric (the report
+    marks it on the curves) and a W&B alert."""
+    for name, message in fired:
+        logger.warning("ppo: reward-hacking alarm '%s' after update %d: %s", name, step, message)
+        tracker.alert(f"rlhf alarm: {name}", f"after update {step}: {message}")
+    if fired:
+        tracker.log({**{f"alarm/fired/{name}": 1.0 for name, _ in fired}, EPISODE_METRIC: episode}, step=step)
+
+
 def checkpoint_or_stop(cfg: PPOConfig, models: Models, loop: LoopState, output_dir: Path, step: int, stop: Any, *,
-                       bad: str | None) -> None:
+                       bad: str | None, alarmed: bool = False) -> None:
     """After update ``step``: stop with `TrainingDiverged` after ``ppo.max_bad_updates`` skipped updates in a row,
-    save a checkpoint every ``checkpoint.save_every`` updates, and on a stop request agreed by all processes save
-    one and raise `StageInterrupted`. Every exit leaves a checkpoint to resume from."""
+    save a checkpoint every ``checkpoint.save_every`` updates, on a stop request agreed by all processes save one
+    and raise `StageInterrupted`, and when an alarm fired under ``alarms.stop`` save one and raise `AlarmStop`.
+    Every exit leaves a checkpoint to resume from."""
     t = models.training
 
     def save() -> None:
         save_checkpoint(t.accelerator, t.model, output_dir, step, t.unwrapped, t.optimizer, t.scheduler, loop.kl_ctl,
-                        loop.score_stats, keep_last=cfg.checkpoint.keep_last)
+                        loop.score_stats, keep_last=cfg.checkpoint.keep_last, alarms=loop.alarms.state_dict())
+
+    if alarmed and cfg.alarms.stop and step < cfg.ppo.num_updates:
+        save()
+        raise AlarmStop(f"ppo stopped after update {step} by the reward-hacking alarms {sorted(loop.alarms.fired)} "
+                        f"(alarms.stop=true); a checkpoint is in {checkpoint_dir(output_dir, step)}. Look at the "
+                        "samples and curves (rlhf report), then change the run (e.g. ppo.kl_coef) or rerun with "
+                        "checkpoint.resume=true and alarms.stop=false to go on")
 
     if loop.bad_streak >= cfg.ppo.max_bad_updates:
         save()
@@ -712,7 +747,7 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
                                           "reference": "adapters disabled" if models.scoring.reference is None
                                           else "copy",
                                           "policy_saved_as": saved, "score_norm": loop.score_stats,
-                                          "checks": loop.checks,
+                                          "checks": loop.checks, "alarms": loop.alarms.fired,
                                           "kl_coef_final": loop.kl_ctl.value, "data": inputs.data_stats})
 
 
@@ -1271,7 +1306,7 @@ def log_samples(tracker: Any, contract: TextContract, prompts: EvalPrompts, prom
 
 def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int, unwrapped: PolicyAndCritic,
                     optimizer: Any, scheduler: Any, kl_ctl: Any, score_stats: dict[str, float] | None, *,
-                    keep_last: int) -> Path:
+                    keep_last: int, alarms: dict[str, Any] | None = None) -> Path:
     """checkpoints/step_<N>/: weights and optimiser, scheduler, RNG, KL controller and counters; checkpoint.json last,
     so a checkpoint cut short is never taken for a complete one. Our state is safetensors + JSON; under DeepSpeed
     the weights and the sharded optimiser go through the engine's own checkpoint (deepspeed/, one shard per
@@ -1285,7 +1320,8 @@ def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int
         prepared.save_checkpoint(str(directory / "deepspeed"), tag="state")  # a collective
     if accelerator.is_main_process:
         trainer: dict[str, Any] = {"scheduler": scheduler.state_dict(), "rng": rng_state(),
-                                   "kl_controller": kl_ctl.state_dict(), "score_stats": score_stats, "update": step}
+                                   "kl_controller": kl_ctl.state_dict(), "score_stats": score_stats, "update": step,
+                                   "alarms": alarms}
         parts = {}
         if not is_deepspeed(accelerator):
             parts[MODEL_STATE] = dict(unwrapped.state_dict())
@@ -1298,7 +1334,9 @@ def save_checkpoint(accelerator: Any, prepared: Any, output_dir: Path, step: int
 
 
 def restore(accelerator: Any, prepared: Any, directory: Path, unwrapped: PolicyAndCritic, optimizer: Any,
-            scheduler: Any, kl_ctl: Any) -> tuple[int, dict[str, float] | None]:
+            scheduler: Any, loop: LoopState) -> int:
+    """The checkpoint in ``directory`` into the models, the optimiser, the schedule and ``loop`` (KL controller,
+    score normalisation, alarms, the main process's RNG); returns the update it was taken after."""
     trainer = load_state(directory, TRAINER_STATE)
     if is_deepspeed(accelerator):
         prepared.load_checkpoint(str(directory / "deepspeed"), tag="state")
@@ -1306,7 +1344,10 @@ def restore(accelerator: Any, prepared: Any, directory: Path, unwrapped: PolicyA
         unwrapped.load_state_dict(load_state(directory, MODEL_STATE))
         inner_optimizer(optimizer).load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
-    kl_ctl.load_state_dict(trainer["kl_controller"])
+    loop.kl_ctl.load_state_dict(trainer["kl_controller"])
+    loop.score_stats = trainer["score_stats"]
+    if trainer.get("alarms"):  # checkpoints from before the alarms have none
+        loop.alarms.load_state_dict(trainer["alarms"])
     if accelerator.is_main_process:
         set_rng_state(trainer["rng"])
-    return int(trainer["update"]), trainer["score_stats"]
+    return int(trainer["update"])

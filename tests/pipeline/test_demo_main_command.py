@@ -79,16 +79,30 @@ def test_the_reward_model_is_an_imperfect_proxy_of_the_gold_judge(demo_run, pair
 
 
 def test_without_the_kl_penalty_the_reward_model_is_hacked(demo_run):
-    """Negative control: the proxy can be exploited, and the default KL penalty is what stops it."""
+    """Negative control: the proxy can be exploited, and the default KL penalty is what stops it. The alarms that
+    read neither the KL nor the gold judge fire before the held-out gold score falls 0.1 below its best; on the
+    shipped demo none fires."""
+    from rlhf.tracking import read_metrics
     from stages import ppo as ppo_stage
 
     run_dir, _ = demo_run
     default = read_manifest(run_dir / "ppo")["metrics"]
+    assert read_manifest(run_dir / "ppo")["alarms"] == {}
     cfg = load_config(PPOConfig, REPO_ROOT / "configs" / "ppo" / "demo.yaml", [
         f"run_dir={run_dir}", f"output_dir={run_dir / 'ppo-no-kl'}", "ppo.kl_coef=0",
         f"ppo.num_updates={3 * load_config(PPOConfig, REPO_ROOT / 'configs' / 'ppo' / 'demo.yaml').ppo.num_updates}",
+        "eval.every=10", "alarms.max_kl=null", "alarms.gold_drop=null",
     ])
-    hacked = read_manifest(ppo_stage.run(cfg))["metrics"]
+    out = ppo_stage.run(cfg)
+    hacked = read_manifest(out)["metrics"]
+    fired = read_manifest(out)["alarms"]
+    best, fell_at = -1.0, None
+    for row in read_metrics(out):
+        if "eval/gold_combined" in row:
+            best = max(best, row["eval/gold_combined"])
+            if fell_at is None and row["eval/gold_combined"] <= best - 0.1:
+                fell_at = row["step"]
+    assert fired and fell_at is not None and min(fired.values()) < fell_at, (fired, fell_at)
     assert hacked["final/score_mean"] > default["final/score_mean"]  # the reward model likes it more...
     # ...while the gold judge likes it less: grammar collapses and the combined score drops below the default's.
     assert hacked["final/gold_grammatical"] < default["final/gold_grammatical"] - 0.1

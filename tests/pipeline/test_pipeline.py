@@ -298,6 +298,7 @@ def test_wandb_runs_share_the_group_and_tensorboard_holds_the_scalars(built):
     assert "eval/accuracy" in EventAccumulator(str(root / "run" / "reward" / "tensorboard")).Reload().Tags()["scalars"]
 
 
+@pytest.mark.slow  # 40 s: four `accelerate launch` processes; the default suite runs the stages in process
 def test_rlhf_run_launches_each_stage_as_its_own_process(tmp_path):
     """The command line end to end: ``rlhf run`` starts one ``accelerate launch`` per stage; the second call skips
     them all and exits 0; a bad override exits 2 with one line and no traceback."""

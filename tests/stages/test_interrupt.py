@@ -45,7 +45,7 @@ def _wait_for_step(metrics, step, proc, timeout=300):
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", pytest.param("dpo", marks=pytest.mark.slow)])
 def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, stage):
     module, config_cls, data_name = STAGES[stage]
     model = save_tiny_causal_lm(tmp_path / "base", plain_tokenizer())

@@ -229,6 +229,20 @@ def write_dpo(run: Path, beta: float = 0.5) -> None:
                 metrics={"train/loss": 0.59, "eval/accuracy": 0.7, "eval/margin": 0.25, "eval/logratio_chosen": -0.4})
 
 
+def test_an_alarm_is_marked_on_every_ppo_panel_at_its_update(tmp_path: Path):
+    run = tmp_path / "run"
+    write_ppo(run)
+    out = stage_output_dir(run, "ppo")
+    rows = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
+    rows.insert(6, {"step": 5, "time": 1.0, "alarm/fired/repetition": 1.0})
+    write_jsonl(metrics_path(out), rows)
+    fig = curves_figure("run", load_run(run))
+    marked = [ax.get_title()[:3] for ax in fig.axes
+              if any(line.get_label() == "alarm: repetition" and list(line.get_xdata()) == [5 * ROLLOUT_BATCH] * 2
+                     for line in ax.get_lines())]
+    assert marked == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
+
+
 def test_the_reward_models_report_is_a_section_of_the_page(run: Path):
     _, html_path = write_report(run)
     assert "Reward model on its held-out pairs" not in html_path.read_text(encoding="utf-8")  # no report recorded
