@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from typing import Any, Mapping, Sequence
 
 from rlhf.errors import CheckFailed
@@ -59,9 +60,7 @@ def check_initial_samples(checks: Any, records: Sequence[Mapping[str, Any]], *, 
     if stops:
         measured["eos_rate"] = sum(bool(r["stopped"]) for r in records) / len(records)
     if scores_train and "score" in records[0] and len(records) >= MIN_SAMPLES_FOR_SPREAD:
-        scores = [float(r["score"]) for r in records]
-        mean = sum(scores) / len(scores)
-        measured["score_std"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+        measured["score_std"] = statistics.pstdev(float(r["score"]) for r in records)
     if checks.min_score_std and measured.get("score_std", math.inf) < checks.min_score_std:
         raise CheckFailed(
             f"the reward model's scores of the SFT policy's {len(records)} initial held-out samples barely spread "

@@ -433,18 +433,26 @@ def _reward_panel(ax: Axes, reward: StageRecord) -> None:
     if reward.series("eval/loss")[0]:
         handles += _points(ax, *reward.series("eval/loss"), COLORS["eval_loss"], "eval/loss")
     ax.set_ylabel("pairwise loss")
-    accuracies = [key for key in ("train/accuracy", "eval/accuracy") if reward.series(key)[0]]
+    handles += _pair_accuracy(ax, reward, ("train/accuracy", "eval/accuracy"), fade_train=True)
+    _legend(ax, handles)
+    ax.set_xlabel("optimiser step")
+
+
+def _pair_accuracy(ax: Axes, record: StageRecord, keys: Sequence[str], *, fade_train: bool = False) -> list[Any]:
+    """The share of pairs ordered right (``keys``: a train curve, held-out points) on a twin axis with the chance
+    line; ``fade_train`` draws the train curve's last line faded and dashed. Returns the legend handles."""
+    handles: list[Any] = []
+    accuracies = [key for key in keys if record.series(key)[0]]
     if accuracies:
         right = _twin(ax, COLORS["accuracy"], "accuracy (chosen > rejected)")
         for key in accuracies:
             draw = _points if key.startswith("eval/") else _curve
-            handles += draw(right, *reward.series(key), COLORS["accuracy"], key)
-            if key.startswith("train/"):
+            handles += draw(right, *record.series(key), COLORS["accuracy"], key)
+            if fade_train and key.startswith("train/"):
                 handles[-1].set_alpha(0.55)
                 handles[-1].set_linestyle("--")
         right.axhline(0.5, color=COLORS["accuracy"], lw=0.6, ls=":")
-    _legend(ax, handles)
-    ax.set_xlabel("optimiser step")
+    return handles
 
 
 def _dpo_loss_panel(ax: Axes, dpo: StageRecord) -> None:
@@ -477,13 +485,7 @@ def _dpo_margin_panel(ax: Axes, dpo: StageRecord) -> None:
     if dpo.series("eval/rewards/margins")[0]:
         handles += _points(ax, *dpo.series("eval/rewards/margins"), COLORS["score"], "eval/rewards/margins")
     ax.set_ylabel("implicit reward margin")
-    accuracies = [key for key in ("train/rewards/accuracies", "eval/rewards/accuracies") if dpo.series(key)[0]]
-    if accuracies:
-        right = _twin(ax, COLORS["accuracy"], "accuracy (chosen > rejected)")
-        for key in accuracies:
-            handles += (_points if key.startswith("eval/") else _curve)(right, *dpo.series(key), COLORS["accuracy"],
-                                                                       key)
-        right.axhline(0.5, color=COLORS["accuracy"], lw=0.6, ls=":")
+    handles += _pair_accuracy(ax, dpo, ("train/rewards/accuracies", "eval/rewards/accuracies"))
     _legend(ax, handles)
     ax.set_xlabel("optimiser step")
 

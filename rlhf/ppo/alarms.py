@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from rlhf.reward_report import pearson
+
 
 def repeated_ngram(ids: Sequence[int], n: int) -> bool:
     """Whether some n-gram of ``ids`` occurs twice."""
@@ -38,12 +40,9 @@ def repeated_ngram(ids: Sequence[int], n: int) -> bool:
 
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson's correlation; 0 when either side is constant."""
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+    """Pearson's correlation (`rlhf.reward_report.pearson`); 0 when either side is constant."""
+    r = pearson(x, y)
+    return 0.0 if r is None else r
 
 
 @dataclass
