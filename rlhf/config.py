@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
@@ -34,14 +34,16 @@ def option(
     default: Any = _MISSING,
     *,
     doc: str,
-    semantic: bool = True,
+    semantic: bool | Callable[[Any], bool] = True,
     default_factory: Any = _MISSING,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
 ) -> Any:
-    """Declare a config field with its doc, its semantic flag and an optional numeric range."""
+    """Declare a config field with its doc, its semantic flag and an optional numeric range. ``semantic`` may be a
+    predicate of the config holding the field: the field then enters the fingerprint only where it holds (an option
+    that matters under one setting only, so adding it leaves the fingerprints of configs without it unchanged)."""
     metadata = {"doc": doc, "semantic": semantic, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if default_factory is not _MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -445,9 +447,14 @@ def semantic_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = semantic_dict(value)
-        elif f.metadata.get("semantic", True):
+        elif _is_semantic(f, cfg):
             out[f.name] = value
     return out
+
+
+def _is_semantic(f: dataclasses.Field, cfg: Any) -> bool:
+    flag = f.metadata.get("semantic", True)
+    return bool(flag(cfg)) if callable(flag) else bool(flag)
 
 
 def to_yaml(cfg: Any) -> str:
@@ -714,12 +721,21 @@ DPO_LOSSES = {
                     "chosen responses",
     "apo_zero": "APO-zero (D'Oosterlinck et al. 2024): raises the chosen responses' likelihood and lowers the "
                 "rejected ones', each against the reference, for chosen responses better than the policy's own",
+    "simpo": "SimPO (Meng et al. 2024), reference-free (no reference model is loaded): -log sigmoid(beta x the "
+             "chosen response's mean token log-prob - beta x the rejected one's - simpo_gamma), a length-normalised "
+             "reward margin of at least simpo_gamma; SimPO's paper trains with beta 2 to 10, not DPO's 0.1; "
+             "label_smoothing makes it conservative as for sigmoid",
 }
+
+
+#: SimPO's target reward margin when ``simpo_gamma`` is not set (TRL CPOConfig's default).
+SIMPO_GAMMA = 0.5
 
 
 @dataclass
 class DPOConfig(StageConfig):
-    """Direct preference optimisation of the SFT policy on preference pairs (TRL DPOTrainer), no reward model."""
+    """Direct preference optimisation of the SFT policy on preference pairs (TRL DPOTrainer; loss_type simpo: TRL's
+    experimental CPOTrainer, reference-free), no reward model."""
 
     stage: typing.ClassVar[str] = "dpo"
 
@@ -734,17 +750,24 @@ class DPOConfig(StageConfig):
     optim: OptimConfig = section(lambda: OptimConfig(learning_rate=5e-5, warmup_ratio=0.05), "Optimiser.")
     train: TrainerConfig = section(lambda: TrainerConfig(num_epochs=1.0, batch_size=32, micro_batch_size=32),
                                    "Batching and schedule.")
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = option(
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "simpo"] = option(
         "sigmoid", doc="The preference loss: " + "; ".join(f"{k}: {v}" for k, v in DPO_LOSSES.items()) + ".")
     beta: float = option(0.1, doc="How far the policy may move from the reference: the implicit reward is beta x "
-                                  "the log-ratio; larger keeps the policy closer.", gt=0)
+                                  "the log-ratio; larger keeps the policy closer. With simpo (no reference) the "
+                                  "reward is beta x the mean token log-prob.", gt=0)
     label_smoothing: float = option(
-        0.0, doc="Probability that a label is flipped (loss_type robust; with sigmoid, conservative DPO).", ge=0,
-        lt=0.5)
+        0.0, doc="Probability that a label is flipped (loss_type robust; with sigmoid or simpo, the conservative "
+                 "loss).", ge=0, lt=0.5)
     sft_loss_weight: float = option(
         0.0, doc="Weight of the chosen responses' token-mean negative log-likelihood added to the preference loss "
                  "(RPO, Pang et al. 2024): keeps the chosen responses likely, their stop token included, where the "
-                 "preference loss alone lowers the likelihood of both responses; 0 leaves it out.", ge=0)
+                 "preference loss alone lowers the likelihood of both responses; 0 leaves it out. With simpo it is "
+                 "TRL CPOTrainer's cpo_alpha (CPO-SimPO).", ge=0)
+    simpo_gamma: float = option(
+        SIMPO_GAMMA,
+        doc="loss_type simpo only: the target reward margin gamma, subtracted inside the sigmoid from beta x (the "
+            "chosen response's mean token log-prob - the rejected one's); 0 is SimPO without a margin. Enters the "
+            "fingerprint with simpo only.", ge=0, semantic=lambda cfg: cfg.loss_type == "simpo")
 
     @property
     def policy_path(self) -> str:
@@ -757,9 +780,12 @@ class DPOConfig(StageConfig):
             raise ConfigError("peft.method=prefix is for the SFT stage only; use full, lora or partial for DPO")
         if self.data.margin_from_scores:
             raise ConfigError("data.margin_from_scores has no effect in DPO (its losses take no margin); remove it")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise ConfigError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}; set "
-                              "label_smoothing=0 or change loss_type")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust", "simpo"):
+            raise ConfigError(f"label_smoothing applies to loss_type sigmoid, robust or simpo, not {self.loss_type}; "
+                              "set label_smoothing=0 or change loss_type")
+        if self.simpo_gamma != SIMPO_GAMMA and self.loss_type != "simpo":
+            raise ConfigError(f"simpo_gamma applies to loss_type simpo only, not {self.loss_type}; remove simpo_gamma "
+                              "or set loss_type=simpo")
 
     def input_paths(self) -> dict[str, str]:
         return {"model": self.policy_path, "tokenizer": self.model.tokenizer_name_or_path or "",

@@ -60,7 +60,7 @@ KEY_METRICS = {
     "sft": ("train/loss", "eval/loss", "eval/perplexity", "train/steps"),
     "reward": ("train/loss", "eval/accuracy", "eval/margin", "train/steps"),
     "ppo": ("updates", "rollout/score_mean", "rollout/kl", "ppo/kl_coef"),
-    "dpo": ("train/loss", "eval/accuracy", "eval/margin", "eval/logratio_chosen"),
+    "dpo": ("train/loss", "eval/accuracy", "eval/margin", "eval/logratio_chosen", "eval/logp_chosen"),
 }
 #: Held-out metrics listed first in the before/after table; the others follow in the manifest's order.
 BEFORE_AFTER_FIRST = ("score_mean", "kl", "gold_combined", "gold_positive", "response_len", "eos_rate")
@@ -457,7 +457,8 @@ def _pair_accuracy(ax: Axes, record: StageRecord, keys: Sequence[str], *, fade_t
 
 def _dpo_loss_panel(ax: Axes, dpo: StageRecord) -> None:
     """(i) DPO's loss (train, held-out) and, on its own axis, the chosen responses' mean log-ratio to the reference
-    (the implicit reward over beta): how far the policy has moved on the data, in nats."""
+    (the implicit reward over beta): how far the policy has moved on the data, in nats. A reference-free loss (simpo)
+    has no log-ratio: that axis shows the chosen responses' mean token log-prob instead."""
     if why := _missing(dpo, "train/loss"):
         _no_data(ax, why)
         return
@@ -467,11 +468,32 @@ def _dpo_loss_panel(ax: Axes, dpo: StageRecord) -> None:
     ax.set_ylabel("preference loss")
     beta = ((dpo.manifest or {}).get("config") or {}).get("beta") or (dpo.manifest or {}).get("beta")
     steps, chosen = dpo.series("train/rewards/chosen")
-    if beta and steps:
+    if _dpo_loss_type(dpo) == "simpo":
+        ax.set_title("(i) DPO (SimPO, no reference): loss and the chosen responses' log-prob")
+        steps, logps = dpo.series("train/logps/chosen")
+        if steps:
+            right = _twin(ax, COLORS["kl"], "mean log \u03c0 per token, chosen (nats)")
+            handles += _curve(right, steps, logps, COLORS["kl"], "log-prob, chosen")
+    elif beta and steps:
         right = _twin(ax, COLORS["kl"], "log \u03c0/\u03c0_ref of chosen (nats)")
         handles += _curve(right, steps, [value / beta for value in chosen], COLORS["kl"], "log-ratio, chosen")
     _legend(ax, handles)
     ax.set_xlabel("optimiser step")
+
+
+def _dpo_loss_type(dpo: StageRecord) -> str | None:
+    """The DPO stage's loss_type: from its manifest, else from config.yaml of a run still going."""
+    if dpo.manifest:
+        return dpo.manifest.get("loss_type") or (dpo.manifest.get("config") or {}).get("loss_type")
+    if dpo.config_text is None:
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(dpo.config_text)
+    except yaml.YAMLError:
+        return None
+    return config.get("loss_type") if isinstance(config, dict) else None
 
 
 def _dpo_margin_panel(ax: Axes, dpo: StageRecord) -> None:

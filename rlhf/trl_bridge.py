@@ -182,13 +182,89 @@ def tokenized_preference_trainer() -> type:
 
     class StageDPOTrainer(trainer_class(DPOTrainer)):
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            missing = [c for c in PREFERENCE_COLUMNS if c not in dataset.column_names]
-            if missing:
-                raise ValueError(f"the {dataset_name} preference rows lack {', '.join(missing)}: they must be token "
-                                 "ids by the text contract (stages.dpo.encode_pair)")
+            _require_pair_columns(dataset.column_names, dataset_name)
             return dataset
 
     return StageDPOTrainer
+
+
+def _require_pair_columns(columns: Sequence[str], dataset_name: str) -> None:
+    missing = [c for c in PREFERENCE_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"the {dataset_name} preference rows lack {', '.join(missing)}: they must be token ids by "
+                         "the text contract (stages.dpo.encode_pair)")
+
+
+#: The columns of one pair that TRL's ``CPOTrainer`` pads (``DPODataCollatorWithPadding``) and its forward reads.
+CPO_COLUMNS = ("prompt_input_ids", "prompt_attention_mask", "chosen_input_ids", "chosen_attention_mask",
+               "chosen_labels", "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
+#: The label of a position outside the loss (the prompt's, and padding), as TRL's preference trainers read it.
+IGNORED_LABEL = -100
+
+
+def cpo_columns(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> dict[str, list]:
+    """A pair in token ids as `CPO_COLUMNS`: each side is prompt + response with a full attention mask, and labels
+    that are the sequence's ids with the prompt's positions set to `IGNORED_LABEL`, so that only (and every one of)
+    the response's tokens, its stop token included, enters the log-probs. The ids are used as given."""
+    prompt = list(prompt_ids)
+    out: dict[str, list] = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side, response in (("chosen", list(chosen_ids)), ("rejected", list(rejected_ids))):
+        out[f"{side}_input_ids"] = prompt + response
+        out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(response))
+        out[f"{side}_labels"] = [IGNORED_LABEL] * len(prompt) + response
+    return out
+
+
+def _column_collator(pad_token_id: int) -> Any:
+    """TRL's ``DPODataCollatorWithPadding`` on `CPO_COLUMNS` alone (our source columns and ``length`` stay out of
+    the batch)."""
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    pad = DPODataCollatorWithPadding(pad_token_id=pad_token_id)
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        return pad([{k: feature[k] for k in CPO_COLUMNS} for feature in features])
+
+    return collate
+
+
+def experimental_cpo() -> Any:
+    """TRL's ``trl.experimental.cpo`` module (``CPOTrainer``, ``CPOConfig``), imported without the warning that the
+    API is experimental: we know, and pin what we use in ``tests/stages/test_dpo.py``."""
+    import importlib
+    import warnings
+
+    from trl.import_utils import TRLExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TRLExperimentalWarning)
+        return importlib.import_module("trl.experimental.cpo")
+
+
+@functools.cache
+def tokenized_cpo_trainer() -> type:
+    """TRL's experimental ``CPOTrainer`` (here for ``loss_type="simpo"``: no reference model) with the stages' hooks
+    (`trainer_class`) that trains on the token ids it is given, as `tokenized_preference_trainer` does for DPO.
+
+    CPOTrainer maps every row through ``tokenize_row(feature, model=None)`` in its constructor (text re-tokenised
+    as prompt + answer, a BOS and an EOS added when missing, cut at ``max_length``). The override builds the
+    columns from our ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` instead (`cpo_columns`), with no second
+    tokenisation; the default collator pads just those columns. Not public API; ``tests/stages/test_dpo.py``
+    fails if the method or the columns its forward reads change."""
+    CPOTrainer = experimental_cpo().CPOTrainer
+
+    class StageCPOTrainer(trainer_class(CPOTrainer)):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            tokenizer = kwargs.get("processing_class")
+            if kwargs.get("data_collator") is None and tokenizer is not None:
+                kwargs["data_collator"] = _column_collator(tokenizer.pad_token_id)
+            super().__init__(*args, **kwargs)
+
+        def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, list]:
+            _require_pair_columns(list(feature), "training or evaluation")
+            return cpo_columns(feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"])
+
+    return StageCPOTrainer
 
 
 def pack_linears(trainer: Any, model: Any) -> bool:

@@ -4,8 +4,9 @@ The pairs are read and validated as the reward stage reads them (every layout it
 shared text contract: the prompt as PPO samples from it, each response through its stop token, so the policy learns
 on exactly the sequences it generates. The reference is the starting policy: with LoRA the policy with its adapters
 disabled (no copy loaded), otherwise one frozen copy loaded from the same directory. ``loss_type`` picks the
-preference loss (`rlhf.config.DPO_LOSSES`). The output is a causal LM like the SFT output, so the evaluation stage
-(and PPO, as its starting policy) can read it.
+preference loss (`rlhf.config.DPO_LOSSES`); ``simpo`` is reference-free and trains through TRL's experimental
+``CPOTrainer`` on the same token ids, with no reference at all. The output is a causal LM like the SFT output, so the
+evaluation stage (and PPO, as its starting policy) can read it.
 
     accelerate launch launch/dpo.py [--config configs/dpo/demo.yaml] [key.sub=value ...]
 """
@@ -25,8 +26,8 @@ from rlhf.models import (apply_peft, check_model_source, count_parameters, froze
 from rlhf.runtime import StageRun, distributed_state
 from rlhf.signals import StopRequest, trainer_stop_callback
 from rlhf.text import TextContract
-from rlhf.trl_bridge import (TOKENIZED_PAIRS, pack_linears, tokenized_preference_trainer, train_resumable,
-                             trainer_kwargs)
+from rlhf.trl_bridge import (TOKENIZED_PAIRS, experimental_cpo, pack_linears, tokenized_cpo_trainer,
+                             tokenized_preference_trainer, train_resumable, trainer_kwargs)
 
 Config = DPOConfig
 logger = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 #: TRL's held-out pair metrics (``eval_<name>``) that the manifest keeps, by our name.
 HELD_OUT = {"loss": "loss", "accuracy": "rewards/accuracies", "margin": "rewards/margins",
             "reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected"}
+#: The preference losses that compare the policy with no reference (TRL ``CPOTrainer``); none is loaded for them.
+REFERENCE_FREE = ("simpo",)
+#: How the log line names each kind of reference (`reference_model`).
+REFERENCE_LOG = {"none": "none (reference-free loss)", "adapters disabled": "policy with adapters disabled",
+                 "copy": "frozen copy"}
 
 
 def policy_model_config(cfg: DPOConfig) -> ModelConfig:
@@ -54,8 +60,11 @@ def encode_pair(contract: TextContract, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def trl_args(cfg: DPOConfig, output_dir: Path, num_processes: int, has_eval: bool) -> Any:
-    """Our config as TRL's ``DPOConfig``."""
+    """Our config as TRL's ``DPOConfig``, or for a reference-free loss as its ``CPOConfig`` (`cpo_args`)."""
     from trl import DPOConfig as TRLDPOConfig
+
+    if cfg.loss_type in REFERENCE_FREE:
+        return cpo_args(cfg, output_dir, num_processes, has_eval)
 
     return TRLDPOConfig(
         **trainer_kwargs(cfg, output_dir=output_dir, num_processes=num_processes, has_eval=has_eval),
@@ -65,6 +74,40 @@ def trl_args(cfg: DPOConfig, output_dir: Path, num_processes: int, has_eval: boo
         label_smoothing=cfg.label_smoothing,
         **TOKENIZED_PAIRS,
     )
+
+
+def cpo_args(cfg: DPOConfig, output_dir: Path, num_processes: int, has_eval: bool) -> Any:
+    """Our simpo config as TRL's ``CPOConfig``: SimPO's loss (length-normalised log-probs, margin ``simpo_gamma``)
+    with ``sft_loss_weight`` as CPO's behaviour-cloning weight ``cpo_alpha`` (the chosen responses' token-mean NLL;
+    0, the default, is pure SimPO). ``max_length`` is only what CPOTrainer would cut text at: our rows are ids, never
+    cut (rows longer than data.max_length were rejected)."""
+    return experimental_cpo().CPOConfig(
+        **trainer_kwargs(cfg, output_dir=output_dir, num_processes=num_processes, has_eval=has_eval),
+        loss_type=cfg.loss_type,
+        beta=cfg.beta,
+        simpo_gamma=cfg.simpo_gamma,
+        cpo_alpha=cfg.sft_loss_weight,
+        label_smoothing=cfg.label_smoothing,
+        **{**TOKENIZED_PAIRS, "max_length": cfg.data.max_length},
+    )
+
+
+def reference_model(cfg: DPOConfig, model_cfg: ModelConfig) -> tuple[Any, str]:
+    """The reference and how the manifest names it: none for a reference-free loss; with LoRA none to load (the
+    policy with its adapters disabled); otherwise a frozen copy of the starting policy."""
+    if cfg.loss_type in REFERENCE_FREE:
+        return None, "none"
+    if cfg.peft.method == "lora":
+        return None, "adapters disabled"
+    return frozen_copy(model_cfg), "copy"
+
+
+def preference_trainer(cfg: DPOConfig, policy: Any, reference: Any, **kwargs: Any) -> Any:
+    """The trainer on our token ids: TRL's ``DPOTrainer`` with ``reference`` (None: the policy with its adapters
+    disabled), or for a reference-free loss its ``CPOTrainer``, which takes none. ``kwargs`` go to either."""
+    if cfg.loss_type in REFERENCE_FREE:
+        return tokenized_cpo_trainer()(model=policy, **kwargs)
+    return tokenized_preference_trainer()(model=policy, ref_model=reference, **kwargs)
 
 
 def run(cfg: DPOConfig) -> Path:
@@ -84,18 +127,16 @@ def run(cfg: DPOConfig) -> Path:
 
     with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process) as stage, \
             StopRequest() as stop:
-        # 2. The policy with its tuning method, and the reference (none to load with LoRA).
+        # 2. The policy with its tuning method, and the reference (none to load with LoRA or a reference-free loss).
         policy = apply_peft(load_causal_lm(model_cfg), cfg.peft, task="causal_lm")
-        reference = None if cfg.peft.method == "lora" else frozen_copy(model_cfg)
+        reference, reference_kind = reference_model(cfg, model_cfg)
         trainable, total = count_parameters(policy)
         logger.info("dpo: %s loss, beta %g, %s tuning, %d of %d parameters train; reference: %s", cfg.loss_type,
-                    cfg.beta, cfg.peft.method, trainable, total,
-                    "policy with adapters disabled" if reference is None else "frozen copy")
+                    cfg.beta, cfg.peft.method, trainable, total, REFERENCE_LOG[reference_kind])
 
         # 3. Train.
-        trainer = tokenized_preference_trainer()(
-            model=policy,
-            ref_model=reference,
+        trainer = preference_trainer(
+            cfg, policy, reference,
             args=trl_args(cfg, stage.output_dir, state.num_processes, bool(eval_pairs)),
             train_dataset=to_hf_dataset(train_pairs),
             eval_dataset=to_hf_dataset(eval_pairs) if eval_pairs else None,
@@ -112,7 +153,8 @@ def run(cfg: DPOConfig) -> Path:
                                    "time/train_s": train_s, "trainable_parameters": trainable,
                                    "total_parameters": total}
         if eval_pairs:
-            metrics.update(held_out_metrics(trainer.evaluate(), cfg.beta))
+            metrics.update(held_out_metrics(trainer.evaluate(), cfg.beta,
+                                            reference_free=cfg.loss_type in REFERENCE_FREE))
         saved = None
         if state.is_main_process:
             saved = save_model(trainer.model, tokenizer, stage.output_dir, cfg.peft)
@@ -120,8 +162,8 @@ def run(cfg: DPOConfig) -> Path:
         return stage.complete(metrics, extra={
             "data": data.stats, "saved_as": saved, "num_processes": state.num_processes,
             "peft_method": cfg.peft.method, "loss_type": cfg.loss_type, "beta": cfg.beta,
-            "sft_loss_weight": cfg.sft_loss_weight,
-            "reference": "adapters disabled" if reference is None else "copy",
+            "sft_loss_weight": cfg.sft_loss_weight, "reference": reference_kind,
+            **({"simpo_gamma": cfg.simpo_gamma} if cfg.loss_type == "simpo" else {}),
         })
 
 
@@ -131,12 +173,18 @@ def frozen_copy(model_cfg: ModelConfig) -> Any:
     return frozen(load_causal_lm(model_cfg))
 
 
-def held_out_metrics(evaluation: dict[str, float], beta: float) -> dict[str, float]:
+def held_out_metrics(evaluation: dict[str, float], beta: float, *, reference_free: bool = False) -> dict[str, float]:
     """The held-out pairs' DPO loss, preference accuracy and margin of the implicit reward (beta x log-ratio to the
     reference), its chosen and rejected means, and the chosen responses' mean log-ratio (nats): how far the policy
-    moved on the data, the implicit KL term."""
+    moved on the data, the implicit KL term.
+
+    ``reference_free`` (simpo): the reward is beta x the mean token log-prob (SimPO's), so there is no log-ratio
+    and no implicit KL; ``eval/logp_chosen`` is the chosen responses' mean token log-prob (nats) instead."""
     out = {f"eval/{ours}": float(evaluation[f"eval_{theirs}"]) for ours, theirs in HELD_OUT.items()
            if f"eval_{theirs}" in evaluation}
-    if "eval/reward_chosen" in out:
+    if reference_free:
+        if "eval_logps/chosen" in evaluation:
+            out["eval/logp_chosen"] = float(evaluation["eval_logps/chosen"])
+    elif "eval/reward_chosen" in out:
         out["eval/logratio_chosen"] = out["eval/reward_chosen"] / beta
     return out

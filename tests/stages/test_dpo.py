@@ -1,5 +1,6 @@
 """The DPO stage on tiny models: the token ids it trains on, the reference (no copy with LoRA, one frozen copy
-otherwise), each preference loss reaching TRL, the evaluation of a DPO policy without a reward model."""
+otherwise, none for SimPO), each preference loss reaching TRL, SimPO's loss against its formula, the evaluation of a
+DPO policy without a reward model."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import torch
 from safetensors.torch import load_file
 from support import demo_rows, plain_tokenizer, save_tiny_causal_lm, write_jsonl
 
-from rlhf.checkpoint import EVAL_RESULTS_FILE, read_manifest
-from rlhf.config import DPOConfig, EvaluateConfig, load_config
-from rlhf.data import prepare_dataset
+from rlhf.checkpoint import EVAL_RESULTS_FILE, compute_fingerprint, read_manifest
+from rlhf.config import DPOConfig, EvaluateConfig, ModelConfig, load_config, semantic_dict
+from rlhf.data import prepare_dataset, to_hf_dataset
 from rlhf.errors import ConfigError
-from rlhf.models import load_tokenizer
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.report import curves_figure, load_stage
 from rlhf.text import TextContract
 from rlhf.tracking import read_metrics
+from rlhf.trl_bridge import CPO_COLUMNS, experimental_cpo, last_trainer_checkpoint
 from stages import dpo, evaluate
 
 
@@ -178,10 +181,130 @@ def test_held_out_pairs_give_the_implicit_reward_metrics(setup):
     (["peft.method=prefix"], "peft.method=prefix"),
     (["loss_type=ipo", "label_smoothing=0.1"], "label_smoothing"),
     (["data.margin_from_scores=true"], "data.margin_from_scores"),
+    (["simpo_gamma=1.0"], "simpo_gamma applies to loss_type simpo only, not sigmoid"),
+    (["loss_type=simpo", "simpo_gamma=-0.1"], "simpo_gamma"),
+    (["loss_type=apo_zero", "label_smoothing=0.1"], "label_smoothing applies to loss_type sigmoid, robust or simpo"),
 ])
 def test_config_errors_name_the_keys(setup, overrides, message):
     with pytest.raises(ConfigError, match=message):
         config(setup, "x", *overrides).validate()
+
+
+def test_simpo_gamma_enters_the_fingerprint_with_simpo_only(setup):
+    """Configs that do not use simpo_gamma keep the fingerprint they had before it existed."""
+    def fingerprint(*extra):
+        return compute_fingerprint("dpo", semantic_dict(config(setup, "fp", *extra)), {})
+
+    assert "simpo_gamma" not in semantic_dict(config(setup, "fp"))
+    simpo = config(setup, "fp", "loss_type=simpo", "label_smoothing=0.1", "sft_loss_weight=0.5")
+    assert semantic_dict(simpo)["simpo_gamma"] == 0.5
+    assert fingerprint("loss_type=simpo", "simpo_gamma=1") != fingerprint("loss_type=simpo")
+
+
+def capture_cpo_batches(monkeypatch) -> list[dict]:
+    """Every batch CPOTrainer's collator pads, as it leaves the collator."""
+    experimental_cpo()  # imported once, without the experimental-API warning
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    batches = []
+    original = DPODataCollatorWithPadding.__call__
+    monkeypatch.setattr(DPODataCollatorWithPadding, "__call__",
+                        lambda self, features: batches.append(original(self, features)) or batches[-1])
+    return batches
+
+
+def test_simpo_trains_on_exactly_the_text_contract_ids_and_loads_no_reference(setup, monkeypatch):
+    """SimPO through CPOTrainer: every sequence is prompt ids + response ids by the text contract, the labels are
+    the response's ids with the prompt (and padding) ignored, each response holds one EOS, at its end; the run
+    loads the policy once and no reference, and writes a complete checkpoint and a complete output."""
+    batches = capture_cpo_batches(monkeypatch)
+    loads, copies = [], []
+    load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda cfg: loads.append(cfg) or load(cfg))
+    monkeypatch.setattr(dpo, "frozen_copy", lambda cfg: copies.append(cfg))
+    cfg = config(setup, "simpo", "loss_type=simpo", "beta=2", "train.max_steps=2", "checkpoint.save_every=2")
+    out = dpo.run(cfg)
+    assert len(loads) == 1 and not copies
+
+    manifest = read_manifest(out)
+    assert manifest["reference"] == "none" and manifest["loss_type"] == "simpo" and manifest["simpo_gamma"] == 0.5
+    assert (out / "model.safetensors").is_file() and last_trainer_checkpoint(out).endswith("checkpoint-2")
+    metrics = manifest["metrics"]
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["eval/margin"])
+    assert "eval/logratio_chosen" not in metrics and metrics["eval/logp_chosen"] < 0  # no reference, no log-ratio
+    assert metrics["eval/reward_chosen"] == pytest.approx(2 * metrics["eval/logp_chosen"])
+    figure = curves_figure("simpo", {name: load_stage(out.parent, name) for name in ("sft", "reward", "ppo", "dpo")})
+    labels = {line.get_label() for ax in figure.axes for line in ax.get_lines()}
+    assert "log-prob, chosen" in labels and "log-ratio, chosen" not in labels  # the report draws no fake log-ratio
+
+    contract = TextContract.from_tokenizer(load_tokenizer(dpo.policy_model_config(cfg)))
+    rows = prepare_dataset(cfg.data.path, "preference", eval_fraction=0.0, seed=0).train
+    expected = {tuple(ids): mask for row in rows for side in ("chosen", "rejected")
+                for ids, mask in [contract.sequence(row["prompt"], row[side])]}
+    eos, seen = contract.tokenizer.eos_token_id, 0
+    for batch in batches:
+        assert set(batch) == set(CPO_COLUMNS)
+        for side in ("chosen", "rejected"):
+            for ids, attention, labels in zip(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
+                                              batch[f"{side}_labels"]):
+                n = int(attention.sum())
+                assert attention[:n].all() and not attention[n:].any() and (labels[n:] == -100).all()
+                sequence = tuple(ids[:n].tolist())
+                assert sequence in expected, "a sequence the text contract does not give"
+                mask = expected[sequence]
+                assert labels[:n].tolist() == [t if m else -100 for t, m in zip(sequence, mask)]
+                response = [t for t, m in zip(sequence, mask) if m]
+                assert response.count(eos) == 1 and response[-1] == eos
+                seen += 1
+    assert seen >= 2 * 8 * 2  # both training steps' pairs (and the evaluation's): chosen and rejected
+
+
+def test_the_cpo_trainer_method_we_override_is_still_there():
+    import inspect
+
+    params = list(inspect.signature(experimental_cpo().CPOTrainer.tokenize_row).parameters)
+    assert params == ["self", "feature", "model"], (
+        f"trl CPOTrainer.tokenize_row changed its signature to {params}: update rlhf.trl_bridge.tokenized_cpo_trainer")
+
+
+def simpo_loss_by_hand(model, pairs, beta: float, gamma: float, sft_weight: float) -> float:
+    """SimPO's loss (Meng et al. 2024, eq. 6) in float64, each sequence run alone (no padding):
+    mean over pairs of -log sigmoid(beta / |y_w| log pi(y_w|x) - beta / |y_l| log pi(y_l|x) - gamma), plus
+    sft_weight x the chosen tokens' mean NLL."""
+    def token_logps(prompt, response):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        return logps[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
+
+    losses, nll_sum, nll_count = [], 0.0, 0
+    for pair in pairs:
+        chosen = token_logps(pair["prompt_ids"], pair["chosen_ids"])
+        rejected = token_logps(pair["prompt_ids"], pair["rejected_ids"])
+        h = beta * chosen.mean() - beta * rejected.mean() - gamma
+        losses.append(-torch.nn.functional.logsigmoid(h).item())
+        nll_sum, nll_count = nll_sum - chosen.sum().item(), nll_count + len(chosen)
+    return sum(losses) / len(losses) + sft_weight * nll_sum / nll_count
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_simpo_loss_on_a_batch_is_its_formula(setup, tmp_path, sft_weight):
+    """The loss CPOTrainer computes on one padded batch of our pairs (float64 weights) equals SimPO's formula by
+    hand from the model's per-token log-probs; sft_loss_weight adds the chosen tokens' mean NLL (CPO's term)."""
+    cfg = config(setup, "simpo-loss", "loss_type=simpo", "beta=2.5", "simpo_gamma=0.3",
+                 f"sft_loss_weight={sft_weight}")
+    tokenizer = load_tokenizer(dpo.policy_model_config(cfg))
+    contract = TextContract.from_tokenizer(tokenizer)
+    rows = prepare_dataset(cfg.data.path, "preference", eval_fraction=0.0, seed=0).train[:6]
+    pairs = [dpo.encode_pair(contract, row) for row in rows]
+    model = load_causal_lm(ModelConfig(name_or_path=str(setup[1]))).double().eval()
+    trainer = dpo.preference_trainer(cfg, model, None, args=dpo.trl_args(cfg, tmp_path, 1, False),
+                                     train_dataset=to_hf_dataset(pairs), processing_class=tokenizer)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))]))
+    assert len({len(p["chosen_ids"]) for p in pairs} | {len(p["rejected_ids"]) for p in pairs}) > 1  # padded
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    assert abs(loss - simpo_loss_by_hand(model, pairs, 2.5, 0.3, sft_weight)) < 1e-6
 
 
 def test_evaluate_compares_a_dpo_policy_without_a_reward_model(setup):
