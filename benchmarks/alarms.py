@@ -41,7 +41,7 @@ def run(name: str, seed: int, args: argparse.Namespace) -> Path:
     if read_manifest(out) is None:
         command = [sys.executable, "launch/ppo.py", "--config=configs/ppo/demo.yaml", f"run_dir={args.workdir / 'run'}",
                    f"model.name_or_path={args.sft}", f"reward_model.name_or_path={args.reward}", f"output_dir={out}",
-                   "upstream_configs={}", f"seed={seed}", "eval.every=10", *RUNS[name]]
+                   "upstream_configs={}", f"seed={seed}", "eval.every=10", "logging.report_to=[jsonl]", *RUNS[name]]
         log = args.workdir / f"{name}-seed{seed}.log"
         print(f"{name} seed {seed}: training (log {log})", file=sys.stderr, flush=True)
         with log.open("w") as f:

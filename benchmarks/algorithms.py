@@ -90,6 +90,8 @@ DPO_GRIDS: dict[str, list[tuple[float, float]]] = {
 }
 DPO_CONFIG = Path("configs/dpo/demo.yaml")
 DPO_EVAL_CONFIG = Path("configs/evaluate/dpo.yaml")
+#: Timed runs write metrics.jsonl only: the figures were measured so, and the dashboards would share the cores.
+QUIET = "logging.report_to=[jsonl]"
 TUNING_SEED = 0
 #: Held-out rows 0..REPORTED_ROWS-1 may be reported; tuning evaluates on the rows after them.
 REPORTED_ROWS = 512
@@ -180,7 +182,7 @@ def train(method: str, tag: str, overrides: list[str], ctx: dict[str, Any]) -> d
     final and initial metrics, timings and costs."""
     out = ctx["workdir"] / method / tag
     args = [f"--config={DEMO_CONFIG}", f"run_dir={ctx['workdir'] / 'run'}", f"model.name_or_path={ctx['sft']}",
-            f"reward_model.name_or_path={ctx['reward']}", f"output_dir={out}", "upstream_configs={}",
+            f"reward_model.name_or_path={ctx['reward']}", f"output_dir={out}", "upstream_configs={}", QUIET,
             *METHODS[method], *ctx["common"], *overrides]
     bench_path = out / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
@@ -212,11 +214,11 @@ def train_dpo(tag: str, overrides: list[str], eval_args: list[str], seed: int,
     skipped when done with the same commands. The metrics in the shape `train` returns."""
     out = ctx["workdir"] / "dpo" / tag
     train_args = [f"--config={DPO_CONFIG}", f"run_dir={ctx['workdir'] / 'run'}", f"model.name_or_path={ctx['sft']}",
-                  f"output_dir={out / 'dpo'}", f"seed={seed}", *overrides]
+                  f"output_dir={out / 'dpo'}", f"seed={seed}", QUIET, *overrides]
     eval_cmd = [f"--config={DPO_EVAL_CONFIG}", f"run_dir={ctx['workdir'] / 'run'}",
                 f"sft_model.name_or_path={ctx['sft']}", f"dpo_model.name_or_path={out / 'dpo'}",
                 f"reward_model.name_or_path={ctx['reward']}", "reward_scores=true", f"output_dir={out / 'evaluate'}",
-                f"seed={seed}", *eval_args]
+                f"seed={seed}", QUIET, *eval_args]
     bench_path = out / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     manifest = read_manifest(out / "evaluate")

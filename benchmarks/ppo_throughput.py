@@ -132,6 +132,9 @@ def ppo_overrides(workload: dict[str, Any], models: Path, run_dir: Path, args: a
         # Untrained models on a fixed workload: the checks of a real reward model and SFT policy do not apply.
         "checks.min_score_std=0", "checks.min_eos_rate=0",
         f"samples_every={workload['warmup_updates'] + workload['timed_updates']}",
+        # metrics.jsonl only, as TRL's side logs nowhere (report_to="none"); the dashboards' cost is measured on
+        # the main command.
+        "logging.report_to=[jsonl]",
     ]
 
 

@@ -156,7 +156,8 @@ def build_inputs(workdir: Path) -> tuple[Path, Path]:
             continue
         logger.info("%s: building %s with configs/%s/demo.yaml", stage, run_dir / stage, stage)
         start = time.perf_counter()
-        run_logged([sys.executable, f"launch/{stage}.py", f"run_dir={run_dir}"], workdir / "logs" / f"{stage}.log")
+        run_logged([sys.executable, f"launch/{stage}.py", f"run_dir={run_dir}", "logging.report_to=[jsonl]"],
+                   workdir / "logs" / f"{stage}.log")
         logger.info("%s: built in %.0f s", stage, time.perf_counter() - start)
     return run_dir / "sft", run_dir / "reward"
 
@@ -292,7 +293,7 @@ def train_ours(cfg: PPOConfig, sft: Path, reward: Path, seed: int, workdir: Path
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed or reused one
     command = [sys.executable, "launch/ppo.py", f"--config={DEMO_CONFIG}", *overrides, f"run_dir={run_dir}",
                f"model.name_or_path={sft}", f"reward_model.name_or_path={reward}", f"seed={seed}", "eval.every=0",
-               f"eval.num_prompts={IN_RUN_EVAL_PROMPTS}"]
+               f"eval.num_prompts={IN_RUN_EVAL_PROMPTS}", "logging.report_to=[jsonl]"]
     start, monitor = time.perf_counter(), LoadMonitor().start()
     run_logged(command, workdir / "logs" / f"ours-{seed}.log")
     wall, load = time.perf_counter() - start, monitor.stop()

@@ -27,6 +27,7 @@ MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # a stage's TensorBoard logs, inside its output directory
 PIPELINE_FILE = "pipeline.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -271,6 +272,7 @@ def begin_output(output_dir: str | Path, *, resume: bool = False) -> Path:
         metrics_path(out).unlink(missing_ok=True)
         samples_path(out).unlink(missing_ok=True)
         shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     _fsync_dir(out)
     return out
 

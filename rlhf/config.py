@@ -158,7 +158,9 @@ class LoggingConfig:
     """Where metrics go. Secrets come from the environment only."""
 
     report_to: list[str] = option(
-        default_factory=lambda: ["jsonl"], doc="Trackers: jsonl (always on), wandb, tensorboard.", semantic=False
+        default_factory=lambda: ["jsonl", "wandb", "tensorboard"],
+        doc="Trackers: jsonl (always on), wandb (offline without credentials; `wandb sync` uploads it later), "
+            "tensorboard. [jsonl] writes metrics.jsonl alone.", semantic=False
     )
     project: str = option("rlhf", doc="W&B project.", semantic=False)
     entity: str | None = option(None, doc="W&B entity (team or user).", semantic=False)

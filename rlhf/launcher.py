@@ -34,9 +34,10 @@ def launch(
     argv: Sequence[str] | None = None,
 ) -> int:
     """Run one stage from the command line; returns the process exit status."""
-    from rlhf.tracking import setup_logging
+    from rlhf.tracking import dashboard_lines, opened_dashboards, setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
+    opened_before = len(opened_dashboards())
     stop_with_launcher()
     try:
         cfg = parse_cli(config_cls, argv, default_config=default_config, prog=prog)
@@ -55,6 +56,7 @@ def launch(
         raise
     if rank == 0:
         sys.stdout.write(f"{cfg.stage}: complete -> {output_dir}\n")
+        sys.stdout.writelines(line + "\n" for line in dashboard_lines(opened_dashboards(opened_before)))
     return 0
 
 

@@ -257,7 +257,7 @@ STATUS_METRICS = {
     "reward": ("eval/accuracy", "eval/margin", "eval/length_correlation", "eval/expected_calibration_error",
                "eval/gold_agreement"),
     "ppo": ("final/score_mean", "final/kl", "final/gold_combined", "final/gold_positive"),
-    "dpo": ("eval/accuracy", "eval/margin", "eval/logratio_chosen"),
+    "dpo": ("eval/accuracy", "eval/margin", "eval/logratio_chosen", "eval/logp_chosen"),
     "evaluate": ("eval/win_rate_reward_model", "eval/win_rate_gold", "eval/kl_ppo_to_reference",
                  "eval/win_rate_gold_dpo", "eval/kl_dpo_to_reference"),
 }
@@ -673,7 +673,11 @@ def pipeline_main(argv: Sequence[str] | None = None, *, default_config: str | Pa
     summary = ", ".join(f"{o.name} {o.seconds:.0f} s" for o in ran) or "nothing to run"
     sys.stdout.write(f"pipeline {pipeline.name}: {summary} (total {time.perf_counter() - start:.0f} s)\n")
     if not args.dry_run:
+        from rlhf.tracking import dashboard_lines
+
         sys.stdout.write(format_status(run_status(pipeline.run_dir)) + "\n")
+        manifests = [read_manifest(stage_output_dir(pipeline.run_dir, o.name)) or {} for o in ran]
+        sys.stdout.writelines(line + "\n" for line in dashboard_lines([m.get("trackers", {}) for m in manifests]))
     return 0
 
 

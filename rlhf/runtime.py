@@ -101,6 +101,13 @@ def configure_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def wandb_dir_of(cfg: Any, output_dir: Path) -> Path:
+    """Where a stage keeps its W&B files (``<dir>/wandb/``): the run directory, beside the other stages' runs; an
+    output written outside its run directory keeps them inside itself, so the run directory is never created."""
+    run_dir = Path(cfg.run_dir)
+    return run_dir if output_dir.resolve().is_relative_to(run_dir.resolve()) else output_dir
+
+
 class StageRun:
     """The frame of one stage run on one process.
 
@@ -138,7 +145,7 @@ class StageRun:
             entity=log_cfg.entity,
             config=to_dict(self.cfg),
             is_main_process=self.is_main_process,
-            wandb_dir=Path(self.cfg.run_dir),
+            wandb_dir=wandb_dir_of(self.cfg, self.output_dir),
             x_axis=self.x_axis,
         )
         # Objects built during start-up (modules, tokenizers, datasets) live for the whole run; freezing them keeps
@@ -161,7 +168,7 @@ class StageRun:
                 inputs=self.inputs,
                 seed=self.cfg.seed,
                 metrics=metrics,
-                extra=extra,
+                extra={**(extra or {}), "trackers": self.tracker.locations} if self.tracker is not None else extra,
             )
             logger.info("%s: complete -> %s", self.cfg.stage, self.output_dir)
         return self.output_dir

@@ -27,16 +27,19 @@ import dataclasses
 import json
 import logging
 import math
+import netrc
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from rlhf.checkpoint import METRICS_FILE, SAMPLES_FILE
+from rlhf.checkpoint import METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR
 from rlhf.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -61,8 +64,35 @@ _SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD")
 _MIN_SECRET_LEN = 8
 
 
+def _netrc_path() -> Path:
+    """The netrc file ``wandb login`` writes: ``NETRC`` when set, else ``~/.netrc`` (``~/_netrc`` where only that
+    one exists)."""
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    unix, windows = Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()
+    return windows if windows.exists() and not unix.exists() else unix
+
+
+def wandb_credentials() -> str | None:
+    """Where W&B credentials were found, without reading them into anything that is logged: ``"WANDB_API_KEY"``,
+    ``"WANDB_IDENTITY_TOKEN_FILE"``, or the netrc file holding a key for the W&B host (``WANDB_BASE_URL``, default
+    api.wandb.ai; ``wandb login`` writes it); None when there are none. An unreadable netrc counts as none."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(name, "").strip():
+            return name
+    path = _netrc_path()
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "").strip() or "https://api.wandb.ai").netloc
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host) if host and path.is_file() else None
+    except (netrc.NetrcParseError, OSError) as err:
+        logger.warning("W&B: %s is not a readable netrc file (%s); W&B runs stay offline", path, err)
+        return None
+    return str(path) if entry and entry[2] else None
+
+
 def wandb_mode() -> str:
-    """The W&B mode to use: ``WANDB_MODE`` when set, else ``online`` with a ``WANDB_API_KEY``, else ``offline``."""
+    """The W&B mode to use: ``WANDB_MODE`` when set, else ``online`` when logged in (`wandb_credentials`), else
+    ``offline`` (the run is kept on disk; ``wandb sync`` uploads it later)."""
     explicit = os.environ.get("WANDB_MODE", "").strip().lower()
     if explicit:
         if explicit not in WANDB_MODES:
@@ -71,7 +101,7 @@ def wandb_mode() -> str:
                 "set it to one of them or unset it"
             )
         return explicit
-    return "online" if os.environ.get("WANDB_API_KEY", "").strip() else "offline"
+    return "online" if wandb_credentials() else "offline"
 
 
 def _name_words(name: str) -> list[str]:
@@ -266,6 +296,47 @@ def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> st
     return "\n".join(lines)
 
 
+#: The `Tracker.locations` of every tracker this process opened with W&B or TensorBoard, in order.
+_OPENED: list[dict[str, dict[str, Any]]] = []
+
+
+def opened_dashboards(since: int = 0) -> list[dict[str, dict[str, Any]]]:
+    """The dashboards of the trackers this process opened (one entry per stage run), oldest first, from the
+    ``since``-th on: ``len(opened_dashboards())`` before a command, ``opened_dashboards(that)`` after it."""
+    return _OPENED[since:]
+
+
+def _shown(path: str) -> str:
+    """A path as the user should type it: relative to the working directory when inside it, shell-quoted."""
+    try:
+        path = os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd().resolve()) else path
+    except (OSError, ValueError):
+        pass
+    return shlex.quote(path)
+
+
+def dashboard_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What to tell the user at the end of a command about the dashboards of its stage runs (`Tracker.locations`
+    or the manifests' ``trackers``): the ``wandb sync`` command that uploads the offline W&B runs, the pages of the
+    online ones, and the ``tensorboard`` command for the TensorBoard logs. Empty when only JSONL was written."""
+    wandb_runs = [run["wandb"] for run in runs if run.get("wandb")]
+    offline = [run["dir"] for run in wandb_runs if run.get("mode") == "offline" and run.get("dir")]
+    online = [run for run in wandb_runs if run.get("mode") == "online" and run.get("url")]
+    boards = [run["tensorboard"]["dir"] for run in runs if run.get("tensorboard", {}).get("dir")]
+    groups = sorted({str(run["group"]) for run in wandb_runs if run.get("group")})
+    group = f" (group {', '.join(groups)})" if groups else ""
+    lines = []
+    if offline:
+        lines.append(f"W&B: {len(offline)} offline run{'s' * (len(offline) > 1)}{group}; upload with")
+        lines.append("  wandb sync " + " ".join(_shown(path) for path in offline))
+    for run in online:
+        lines.append(f"W&B: {run.get('name') or run.get('id')}{group}: {run['url']}")
+    if boards:
+        root = os.path.commonpath([str(Path(path).resolve()) for path in boards]) if len(boards) > 1 else boards[0]
+        lines.append(f"TensorBoard: tensorboard --logdir {_shown(root)}")
+    return lines
+
+
 class Tracker:
     """Log a stage's metrics to metrics.jsonl and, on request, to W&B and TensorBoard.
 
@@ -308,6 +379,8 @@ class Tracker:
         self._metrics_file: IO[str] | None = None
         self._samples_file: IO[str] | None = None
         self._tb_writer: Any = None
+        #: Where the dashboards of this run are (`dashboard_lines` prints them; stages record them in the manifest).
+        self.locations: dict[str, dict[str, Any]] = {}
         self._finished = not is_main_process
         if not is_main_process:
             return
@@ -319,7 +392,7 @@ class Tracker:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._metrics_file = self.metrics_path.open("a", encoding="utf-8")
             if "tensorboard" in self.report_to:
-                self._start_tensorboard(Path(tensorboard_dir or self.output_dir / "tensorboard"), safe_config)
+                self._start_tensorboard(Path(tensorboard_dir or self.output_dir / TENSORBOARD_DIR), safe_config)
             if "wandb" in self.report_to:
                 self._start_wandb(
                     Path(wandb_dir or self.output_dir), safe_config, mode=mode, run_name=run_name, project=project,
@@ -328,11 +401,14 @@ class Tracker:
         except BaseException:
             self._close(exit_code=1)
             raise
+        if self.locations:
+            _OPENED.append(self.locations)
 
     def _start_tensorboard(self, log_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb_writer = SummaryWriter(log_dir=str(log_dir))
+        self.locations["tensorboard"] = {"dir": str(log_dir)}
         if config:
             text = json.dumps(_json_safe(config), indent=2, ensure_ascii=False)
             # Four-space indent makes TensorBoard's markdown renderer show the JSON as a code block.
@@ -345,6 +421,8 @@ class Tracker:
         import wandb
 
         secrets = _env_secret_values()
+        group = _scrub(group, secrets) if group else None
+        run_name = _scrub(run_name, secrets) if run_name else None
         directory.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             # Console capture would copy whatever the process prints (secrets included) into the run; the
@@ -356,9 +434,9 @@ class Tracker:
         self.wandb_run = wandb.init(
             project=project,
             entity=entity,
-            group=_scrub(group, secrets) if group else None,
+            group=group,
             job_type=self.stage,
-            name=_scrub(run_name, secrets) if run_name else None,
+            name=run_name,
             config=config,
             dir=str(directory),
             mode=mode,
@@ -370,8 +448,15 @@ class Tracker:
             # The charts plot every metric against x_axis (e.g. PPO's episodes) rather than W&B's internal step.
             self.wandb_run.define_metric(x_axis)
             self.wandb_run.define_metric("*", step_metric=x_axis)
+        self.locations["wandb"] = {
+            "mode": mode, "project": project, "group": group, "name": run_name, "id": self.wandb_run.id,
+            # An offline run's directory is what `wandb sync` uploads; an online run has its page instead.
+            "dir": str(self.wandb_run.settings.sync_dir) if mode == "offline" else None,
+            "url": self.wandb_run.url if mode == "online" else None,
+        }
         if mode == "offline":
-            logger.info("W&B is offline: run files under %s; upload them later with `wandb sync`", directory / "wandb")
+            logger.info("W&B is offline (no credentials; `wandb login` or WANDB_API_KEY makes runs online): this run "
+                        "is kept in %s", self.locations["wandb"]["dir"])
 
     def _write(self, handle: IO[str], record: Mapping[str, Any]) -> None:
         handle.write(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+from support import wandb_run_contents
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import PPOConfig, load_config
@@ -47,6 +49,14 @@ def test_main_command_builds_every_stage_and_ppo_beats_the_sft_policy(demo_run):
     assert reward["metrics"]["eval/accuracy"] > 0.65  # noisy labels: the annotator errs on ~15% of pairs
     assert "built first: sft, reward" in stdout and "gold_combined" in stdout
     assert (run_dir / "report" / "report.html").is_file() and (run_dir / "report" / "reward_curves.png").is_file()
+    # The dashboards are on: one offline W&B run per stage in the run's group, the upload command printed last.
+    lines = stdout.splitlines()
+    assert lines[-3] == "W&B: 3 offline runs (group demo); upload with", lines[-3:]
+    synced = [run_dir.parent.parent / path for path in shlex.split(lines[-2])[2:]]
+    assert lines[-2].startswith("  wandb sync ") and len(synced) == 3
+    runs = {wandb_run_contents(path)["run"].job_type: wandb_run_contents(path)["run"].run_group for path in synced}
+    assert runs == {"sft": "demo", "reward": "demo", "ppo": "demo"}
+    assert lines[-1] == "TensorBoard: tensorboard --logdir runs/demo"
     m = ppo["metrics"]
     # Held-out prompts at the training temperature, before (the SFT policy) and after PPO.
     assert m["final/num_prompts"] >= 500

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+from support import wandb_run_contents
 
 from rlhf.checkpoint import read_manifest
 from rlhf.launcher import REPO_ROOT
@@ -48,3 +50,10 @@ def test_the_dpo_pipeline_runs_sft_dpo_and_evaluate(tmp_path):
     assert report["dpo"]["gold_positive"] >= POSITIVE_FLOOR
     assert 0.0 < report["kl_dpo_to_reference"] <= KL_CEILING
     assert (run_dir / "report" / "report.html").is_file()
+    # One W&B group for the pipeline run, a run per stage; the command that uploads them comes last.
+    lines = done.stdout.splitlines()
+    at = lines.index("W&B: 3 offline runs (group demo_dpo); upload with")
+    runs = [wandb_run_contents(work / path)["run"] for path in shlex.split(lines[at + 1])[2:]]
+    assert sorted((run.job_type, run.run_group) for run in runs) == [
+        ("dpo", "demo_dpo"), ("evaluate", "demo_dpo"), ("sft", "demo_dpo")]
+    assert lines[at + 2] == "TensorBoard: tensorboard --logdir runs/demo_dpo"

@@ -127,7 +127,7 @@ def test_help_lists_every_field_with_doc_and_flag():
     text = format_help(ToyConfig, "launch/toy.py")
     assert "usage: launch/toy.py" in text
     assert "optim.learning_rate: float = 0.001  (semantic)" in text
-    assert "logging.report_to: list[str] = ['jsonl']  (not semantic)" in text
+    assert "logging.report_to: list[str] = ['jsonl', 'wandb', 'tensorboard']  (not semantic)" in text
     for f in dataclasses.fields(OptimConfig):
         assert f"optim.{f.name}:" in text
 

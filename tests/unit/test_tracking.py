@@ -12,7 +12,8 @@ import pytest
 
 from rlhf import tracking
 from rlhf.errors import ConfigError
-from rlhf.tracking import Tracker, read_metrics, read_samples, read_summary, redact, wandb_mode
+from rlhf.tracking import (Tracker, dashboard_lines, read_metrics, read_samples, read_summary, redact,
+                           wandb_credentials, wandb_mode)
 from support import finished_wandb_records, wandb_records, wandb_run_contents
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -25,6 +26,9 @@ def offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # not the user's `wandb login`
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
 
@@ -125,6 +129,44 @@ def test_invalid_report_to_names_value_and_choices(tmp_path: Path) -> None:
     assert "'mlflow'" in message and "logging.report_to" in message
     assert all(name in message for name in ("jsonl", "wandb", "tensorboard"))
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_wandb_is_online_after_wandb_login_and_offline_without_it(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path, caplog) -> None:
+    """`wandb login` leaves the key in a netrc file, not the environment: a logged-in user's runs go online."""
+    monkeypatch.delenv("WANDB_MODE")
+    netrc_file = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert wandb_credentials() is None and wandb_mode() == "offline"
+    netrc_file.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_WANDB_KEY}\n")
+    assert wandb_credentials() == str(netrc_file) and wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another server does not count
+    assert wandb_mode() == "offline"
+    monkeypatch.delenv("WANDB_BASE_URL")
+    netrc_file.write_text("machine api.wandb.ai login user password\n")  # an entry without a key
+    assert wandb_mode() == "offline"
+    netrc_file.write_text("machine api.wandb.ai login user passwrd x\n")  # not a netrc file: a warning, offline
+    assert wandb_mode() == "offline" and "not a readable netrc file" in caplog.text
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    assert wandb_credentials() == "WANDB_API_KEY" and wandb_mode() == "online"
+
+
+def test_dashboard_lines_give_the_upload_command_the_pages_and_the_logdir(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    offline = [{"wandb": {"mode": "offline", "group": "demo", "dir": str(run / "wandb" / name)},
+                "tensorboard": {"dir": str(run / stage / "tensorboard")}}
+               for name, stage in (("offline-run-1", "sft"), ("offline run-2", "ppo"))]
+    assert dashboard_lines(offline) == [
+        "W&B: 2 offline runs (group demo); upload with",
+        "  wandb sync runs/demo/wandb/offline-run-1 'runs/demo/wandb/offline run-2'",
+        "TensorBoard: tensorboard --logdir runs/demo",
+    ]
+    online = {"wandb": {"mode": "online", "group": "demo", "name": "demo-ppo", "url": "https://wandb.ai/u/rlhf/runs/x"}}
+    assert dashboard_lines([online]) == ["W&B: demo-ppo (group demo): https://wandb.ai/u/rlhf/runs/x"]
+    disabled = {"wandb": {"mode": "disabled", "group": "demo", "dir": None, "url": None}}
+    assert dashboard_lines([disabled, {}]) == []
 
 
 def test_wandb_mode_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
