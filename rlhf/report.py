@@ -59,7 +59,7 @@ OPTIONAL_REPORT_STAGES = ("dpo",)
 KEY_METRICS = {
     "sft": ("train/loss", "eval/loss", "eval/perplexity", "train/steps"),
     "reward": ("train/loss", "eval/accuracy", "eval/margin", "train/steps"),
-    "ppo": ("updates", "rollout/score_mean", "rollout/kl", "ppo/kl_coef"),
+    "ppo": ("updates", "rollout/score_mean", "rollout/kl", "ppo/kl_coef", "perf/tokens_per_s", "perf/utilisation"),
     "dpo": ("train/loss", "eval/accuracy", "eval/margin", "eval/logratio_chosen", "eval/logp_chosen"),
 }
 #: Held-out metrics listed first in the before/after table; the others follow in the manifest's order.

@@ -65,6 +65,7 @@ class RewardScorer:
         # The same number of passes on every process (DeepSpeed ZeRO-3), else groups of similar lengths.
         self.equal_count = equal_count
         self.by_length = by_length  # False: passes over plain chunks in order (the PPO stage's plain path)
+        self.last_lengths: list[int] = []  # the token counts of the sequences the last `score` call read
         check_vocabulary_fits(model, policy_contract.tokenizer if self.shares_tokens else tokenizer,
                               shares_tokens=self.shares_tokens)
 
@@ -82,7 +83,8 @@ class RewardScorer:
 
     def score(self, prompts: Sequence[PromptLike], prompt_ids: Sequence[Sequence[int]],
               response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Scores of the pairs, float32 on CPU. [B]."""
+        """Scores of the pairs, float32 on CPU. [B]. ``last_lengths`` keeps the lengths of the sequences read."""
         seqs = self.sequences(prompts, prompt_ids, response_ids)
+        self.last_lengths = [len(seq) for seq in seqs]
         return score_sequences(self.model, seqs, pad_token_id=self.tokenizer.pad_token_id,
                                batch_size=self.batch_size, equal_count=self.equal_count, by_length=self.by_length)

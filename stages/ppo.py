@@ -45,6 +45,7 @@ from rlhf.config import BatchLayout, PPOConfig
 from rlhf.data import prepare_stage_data
 from rlhf.errors import AlarmStop, ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
+from rlhf.flops import utilisation
 from rlhf.models import (
     apply_peft,
     check_model_source,
@@ -59,6 +60,7 @@ from rlhf.models import (
 )
 from rlhf.ppo.advantages import gae, shaped_rewards
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_per_token
+from rlhf.ppo.flops import PHASES as FLOP_PHASES, UpdateFlops, flops_metrics
 from rlhf.ppo.estimators import aggregate, grpo_advantages, per_token, reinforce_pp_advantages, rloo_advantages
 from rlhf.ppo.losses import entropy_bonus, explained_variance_from_moments, kl_loss, policy_loss, value_loss
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
@@ -419,6 +421,7 @@ class Models:
     scoring: Scoring
     critic_source: str
     trainable: int
+    flops: UpdateFlops
 
     def view(self) -> PPOModels:
         scorer = self.scoring.scorer
@@ -459,6 +462,8 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     # DeepSpeed steps the optimiser on its own flattened partitions (on the CPU with offload): torch's default.
     optimizer, scheduler = optimiser_and_schedule(cfg, model, total_steps,
                                                   fused=fused_adamw(accelerator, accelerator.device.type))
+    # The reward model's own module (prepared, it may be an engine): its pass counts only when its score is used.
+    reward_module = scorer.model if scorer is not None and cfg.rewards.reward_model_weight else None
     model, optimizer = accelerator.prepare(model, optimizer)
     reference = prepare_frozen(accelerator, reference) if reference is not None else None
     if scorer is not None:
@@ -467,6 +472,9 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     paths = SpeedPaths.chosen(cfg, pack_trained=onednn_linears(accelerator, cfg.model),
                               pack_reward=onednn_linears(accelerator, cfg.reward_model),
                               training_dtype=compute_dtype(accelerator, unwrapped.policy))
+    flops = UpdateFlops.of(unwrapped.policy, unwrapped.critic, reward_module, reward_is_encoder=inputs.reward_is_encoder,
+                           reuse_logprobs=paths.reuse_logprobs, device=str(accelerator.device),
+                           dtype=compute_dtype(accelerator, unwrapped.policy))
     training = Training(accelerator, model, unwrapped, optimizer, scheduler, paths,
                         micro_batch_size=layout.minibatch // layout.micro_batches, micro_batches=layout.micro_batches,
                         pad_token_id=inputs.tokenizer.pad_token_id)
@@ -482,7 +490,7 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
                 accelerator.num_processes, layout.rollouts, layout.minibatch, layout.micro_batches, trainable, total,
                 cfg.ppo.advantage_estimator, critic_source,
                 "policy with adapters disabled" if reference is None else "frozen copy", paths.describe())
-    return Models(training, scoring, critic_source, trainable)
+    return Models(training, scoring, critic_source, trainable, flops)
 
 
 def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
@@ -517,6 +525,7 @@ class LoopState:
     rollout_s: float = 0.0
     train_s: float = 0.0
     tokens: float = 0.0
+    flops: float = 0.0  # model FLOPs of the updates so far, all processes
     checks: dict[str, float] = dataclasses.field(default_factory=dict)  # what the checks before training measured
     alarms: Alarms | None = None
 
@@ -535,6 +544,7 @@ class LoopState:
         self.rollout_s += result.metrics["time/rollout_s"]
         self.train_s += result.metrics["time/train_s"]
         self.tokens += result.generated_tokens
+        self.flops += sum(result.metrics[f"perf/flops_{phase}"] for phase in FLOP_PHASES)
 
 
 def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptStream, loop: LoopState,
@@ -576,6 +586,10 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     drawn = rollout_means(accelerator, rollout, scored, shaped, cfg.rollout.batch_size)
     signals = alarm_signals(accelerator, rollout, scored.raw_scores, cfg.alarms.ngram)
     generated = drawn["rollout/response_len"] * cfg.rollout.batch_size
+    reward_lengths = scoring.scorer.last_lengths if models.flops.reward is not None else None
+    counted = models.flops.count(rollout.attention_mask.sum(-1).tolist(), reward_lengths, trained.epochs)
+    work = flops_metrics(accelerator, counted, {"generate": phase["generate_s"], "rollout": rollout_s,
+                                                "train": train_s}, models.flops.peak)
     metrics = {
         **{k: drawn[k] for k in ROLLOUT_METRICS},
         **{k: drawn[k] for k in scored.function_scores},
@@ -590,6 +604,7 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
         "perf/sampled_tokens": drawn["sampled_tokens"] * cfg.rollout.batch_size,
         "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
         "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
+        **work,
         **signals,
     }
     return UpdateResult(metrics, trained.bad, prompt_rows, batch.rollout, scored.raw_scores, generated)
@@ -735,6 +750,8 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
     summary.update({k: v for k, v in loop.history.items() if k.startswith(("rollout/", "ppo/"))})
     summary.update({"time/rollout_s": loop.rollout_s, "time/train_s": loop.train_s,
                     "perf/tokens_per_s": loop.tokens / max(loop.rollout_s + loop.train_s, 1e-9),
+                    "perf/utilisation": utilisation(loop.flops, loop.rollout_s + loop.train_s,
+                                                    models.flops.peak * accelerator.num_processes),
                     "trainable_parameters": models.trainable, "updates": cfg.ppo.num_updates})
     saved = save_outputs(accelerator, t.model, t.unwrapped, cfg, inputs.tokenizer, stage.output_dir)
     if accelerator.is_main_process and loop.score_stats is not None:
@@ -748,7 +765,9 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
                                           else "copy",
                                           "policy_saved_as": saved, "score_norm": loop.score_stats,
                                           "checks": loop.checks, "alarms": loop.alarms.fired,
-                                          "kl_coef_final": loop.kl_ctl.value, "data": inputs.data_stats})
+                                          "kl_coef_final": loop.kl_ctl.value, "data": inputs.data_stats,
+                                          "peak_flops": {"per_process": models.flops.peak,
+                                                         "source": models.flops.peak_source}})
 
 
 @dataclasses.dataclass

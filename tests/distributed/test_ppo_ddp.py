@@ -76,6 +76,10 @@ def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path, eng
             assert key not in row_two and key not in row_one
             continue
         assert row_two[key] == pytest.approx(row_one[key], abs=1e-4), key
+    # The same global batch is the same work: the model FLOPs summed over the processes are one process's.
+    for key in ("perf/flops_generate", "perf/flops_score", "perf/flops_train"):
+        assert row_two[key] == row_one[key] > 0, key
+    assert 0 < row_two["perf/utilisation"] <= 1
     samples_one = [s["response"] for s in read_samples(one) if s["table"] == "rollout_samples"]
     samples_two = [s["response"] for s in read_samples(two) if s["table"] == "rollout_samples"]
     assert samples_two == samples_one[: len(samples_two)] and len(samples_two) == 4
