@@ -46,6 +46,7 @@ from rlhf.data import prepare_stage_data
 from rlhf.errors import AlarmStop, ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.flops import utilisation
+from rlhf.memory import process_memory
 from rlhf.models import (
     apply_peft,
     check_model_source,
@@ -493,6 +494,17 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     return Models(training, scoring, critic_source, trainable, flops)
 
 
+def memory_per_process(accelerator: Any, models: Models) -> dict[str, list[float]]:
+    """Each process's memory in MiB (`rlhf.memory.process_memory`: peak RSS, the trained weights, the optimiser's
+    state, the reference's and the reward model's weights), by what, in process order."""
+    scoring = models.scoring
+    memory = process_memory(models.training.model, models.training.optimizer, reference=scoring.reference,
+                            reward=scoring.scorer.model if scoring.scorer is not None else None)
+    local = torch.tensor([list(memory.values())], dtype=torch.float64, device=accelerator.device)
+    rows = accelerator.gather(local).tolist()
+    return {key: [round(row[i], 3) for row in rows] for i, key in enumerate(memory)}
+
+
 def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
     if cfg.ppo.kl_target is None:
         return FixedKLController(cfg.ppo.kl_coef)
@@ -754,6 +766,8 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
                                                     models.flops.peak * accelerator.num_processes),
                     "trainable_parameters": models.trainable, "updates": cfg.ppo.num_updates})
     saved = save_outputs(accelerator, t.model, t.unwrapped, cfg, inputs.tokenizer, stage.output_dir)
+    memory = memory_per_process(accelerator, models)
+    summary["perf/peak_rss_mib"] = max(memory["peak_rss"])
     if accelerator.is_main_process and loop.score_stats is not None:
         write_json_atomic(stage.output_dir / REWARD_STATS_FILE, loop.score_stats)
     accelerator.wait_for_everyone()
@@ -766,6 +780,7 @@ def finish(cfg: PPOConfig, models: Models, inputs: Inputs, loop: LoopState, stag
                                           "policy_saved_as": saved, "score_norm": loop.score_stats,
                                           "checks": loop.checks, "alarms": loop.alarms.fired,
                                           "kl_coef_final": loop.kl_ctl.value, "data": inputs.data_stats,
+                                          "memory_mib": memory,
                                           "peak_flops": {"per_process": models.flops.peak,
                                                          "source": models.flops.peak_source}})
 

@@ -80,6 +80,15 @@ def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path, eng
     for key in ("perf/flops_generate", "perf/flops_score", "perf/flops_train"):
         assert row_two[key] == row_one[key] > 0, key
     assert 0 < row_two["perf/utilisation"] <= 1
+    # Model state per process, measured: under DDP each process holds all of it; ZeRO-3 shards it in two.
+    memory_one, memory_two = (read_manifest(d)["memory_mib"] for d in (one, two))
+    assert len(memory_two["peak_rss"]) == 2 and all(m > 0 for m in memory_two["peak_rss"])
+
+    def model_state(memory, rank):
+        return sum(memory[key][rank] for key in ("trained_weights", "optimizer", "reference_weights", "reward_weights"))
+
+    shares = [model_state(memory_two, rank) / model_state(memory_one, 0) for rank in (0, 1)]
+    assert all(share <= 0.55 for share in shares) if engine == "zero3" else shares == [1.0, 1.0], shares
     samples_one = [s["response"] for s in read_samples(one) if s["table"] == "rollout_samples"]
     samples_two = [s["response"] for s in read_samples(two) if s["table"] == "rollout_samples"]
     assert samples_two == samples_one[: len(samples_two)] and len(samples_two) == 4
