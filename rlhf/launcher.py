@@ -37,6 +37,9 @@ def launch(
     from rlhf.tracking import dashboard_lines, opened_dashboards, setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
+    # The stage starts a W&B service of its own rather than one a parent process left in the environment, which
+    # would stop with that process.
+    os.environ.pop("WANDB_SERVICE", None)
     opened_before = len(opened_dashboards())
     stop_with_launcher()
     try:

@@ -516,15 +516,18 @@ def _children() -> set[int]:
 
 def _wait_for_adopted(status: int, earlier: set[int]) -> int:
     """Wait for the processes this one adopted because their launcher died first (Ctrl-C or SIGTERM stops
-    accelerate's launcher before the stage has saved); the exit status of the last of them, else ``status``.
-    Children it had before the stage started are left alone."""
+    accelerate's launcher before the stage has saved); the exit status of the last of those stage processes, else
+    ``status``. Their own helpers, adopted in turn when a stage process exits (W&B's service), are waited for too,
+    but their status is not the stage's. Children it had before the stage started are left alone."""
+    stages = _children() - earlier
     while adopted := sorted(_children() - earlier):
         for pid in adopted:
             try:
                 _, raw = os.waitpid(pid, 0)
             except ChildProcessError:
                 continue
-            status = os.waitstatus_to_exitcode(raw)
+            if pid in stages:
+                status = os.waitstatus_to_exitcode(raw)
     return status
 
 

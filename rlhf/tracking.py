@@ -394,10 +394,15 @@ class Tracker:
             if "tensorboard" in self.report_to:
                 self._start_tensorboard(Path(tensorboard_dir or self.output_dir / TENSORBOARD_DIR), safe_config)
             if "wandb" in self.report_to:
-                self._start_wandb(
-                    Path(wandb_dir or self.output_dir), safe_config, mode=mode, run_name=run_name, project=project,
-                    group=group, entity=entity, x_axis=x_axis,
-                )
+                try:
+                    self._start_wandb(
+                        Path(wandb_dir or self.output_dir), safe_config, mode=mode, run_name=run_name,
+                        project=project, group=group, entity=entity, x_axis=x_axis,
+                    )
+                except Exception as err:  # noqa: BLE001 - as in _to_wandb: the dashboards are not worth a run
+                    logger.warning("W&B: could not start this stage's run (%s: %s); it logs to metrics.jsonl%s",
+                                   type(err).__name__, err, " and TensorBoard" if self._tb_writer else " only")
+                    self.wandb_run = None
         except BaseException:
             self._close(exit_code=1)
             raise
@@ -438,7 +443,9 @@ class Tracker:
             job_type=self.stage,
             name=run_name,
             config=config,
-            dir=str(directory),
+            # Absolute: a W&B service shared with another process (WANDB_SERVICE) resolves paths from its own
+            # working directory.
+            dir=str(directory.resolve()),
             mode=mode,
             # Several stages may run in one process (tests, notebooks): each Tracker owns its own run.
             reinit="create_new",
@@ -482,8 +489,7 @@ class Tracker:
         if self._tb_writer is not None:
             for key, value in values.items():
                 self._tb_writer.add_scalar(key, float(value), global_step=step)
-        if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
+        self._to_wandb("log", lambda run: run.log(values, step=step))
 
     def alert(self, title: str, text: str) -> None:
         """A W&B alert (W&B on; an e-mail or Slack message where the project is set up for them); the other
@@ -492,7 +498,8 @@ class Tracker:
             return
         import wandb
 
-        self.wandb_run.alert(title=title, text=_scrub(text, _env_secret_values()), level=wandb.AlertLevel.WARN)
+        self._to_wandb("alert", lambda run: run.alert(title=title, text=_scrub(text, _env_secret_values()),
+                                                     level=wandb.AlertLevel.WARN))
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         """Record a table (e.g. prompt, response, score samples) at `step`: one samples.jsonl line per row."""
@@ -519,7 +526,8 @@ class Tracker:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=clean_rows)}, step=step)
+            self._to_wandb("log_table", lambda run: run.log({key: wandb.Table(columns=columns, data=clean_rows)},
+                                                            step=step))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         """Record final figures: a ``{"summary": ...}`` line in metrics.jsonl and the W&B run summary."""
@@ -531,8 +539,20 @@ class Tracker:
         self._write(self._metrics_file, {"summary": _json_safe(values), "time": time.time()})
         if self._tb_writer is not None:
             self._tb_writer.add_text("summary", _markdown_table(["name", "value"], list(values.items())), 0)
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+        self._to_wandb("summary", lambda run: run.summary.update(values))
+
+    def _to_wandb(self, what: str, call: Any) -> None:
+        """``call(run)`` on the W&B run, if there is one. A failure stops W&B logging for this run with one warning
+        and never the stage: W&B's service may be gone (a signal sent to the whole job reaches it too), and the
+        dashboards are not worth a run; metrics.jsonl and TensorBoard go on."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as err:  # noqa: BLE001 - whatever the W&B client raises, training goes on without it
+            logger.warning("W&B: %s failed (%s: %s); W&B logging stops for this run, metrics.jsonl and TensorBoard "
+                           "go on", what, type(err).__name__, err)
+            self.wandb_run = None
 
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close every backend; a non-zero `exit_code` marks the W&B run failed. Safe to call twice."""
@@ -550,9 +570,8 @@ class Tracker:
                 self._tb_writer.close()
         finally:
             self._metrics_file = self._samples_file = self._tb_writer = None
-            if self.wandb_run is not None:
-                run, self.wandb_run = self.wandb_run, None
-                run.finish(exit_code=exit_code)
+            self._to_wandb("finish", lambda run: run.finish(exit_code=exit_code))
+            self.wandb_run = None
 
     def __enter__(self) -> Tracker:
         return self

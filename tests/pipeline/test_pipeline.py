@@ -352,3 +352,28 @@ def test_a_launcher_that_reports_the_sigterm_it_passed_on_counts_as_interrupted(
     status = pipeline.launch_stage_process(StageSpec("sft", target="stages.sft:run"), [])
     assert status == (EXIT_INTERRUPTED if terminated else 128 + signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before  # the pipeline's own handler is back
+
+
+ADOPTION = r"""
+import subprocess, sys, time
+from rlhf.pipeline import _children, _wait_for_adopted
+from rlhf.signals import adopt_orphans
+
+assert adopt_orphans()
+earlier = _children()
+# The launcher starts the stage and exits at once; the stage starts a helper that outlives it (as W&B's service
+# outlives the process it serves) and exits 75 (interrupted); the helper exits 0.
+helper = "import time; time.sleep(1.0)"
+stage = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {helper!r}]); time.sleep(0.5); sys.exit(75)"
+launcher = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {stage!r}])"
+status = subprocess.run([sys.executable, "-c", launcher]).returncode
+print(_wait_for_adopted(status, earlier), sorted(_children() - earlier))
+"""
+
+
+def test_an_adopted_stage_reports_its_own_exit_status_not_its_helpers():
+    """When the launcher dies first, the pipeline adopts the stage, and then the stage's helpers when it exits: the
+    status is the stage's (75, interrupted), and every adopted process has been waited for."""
+    done = subprocess.run([sys.executable, "-c", ADOPTION], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["75", "[]"]

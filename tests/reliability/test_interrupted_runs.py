@@ -23,6 +23,7 @@ from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_cau
 from rlhf.checkpoint import checkpoints_dir, list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhf.launcher import REPO_ROOT, default_config_path
+from rlhf.pipeline import _children
 from rlhf.signals import EXIT_INTERRUPTED, FAULT_ENV, adopt_orphans
 from rlhf.tracking import read_metrics
 from rlhf.trl_bridge import last_trainer_checkpoint
@@ -125,14 +126,21 @@ def wait_for_step(metrics: Path, step: int, proc, timeout: float = 300) -> None:
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def adopted_exit_statuses():
+def adopted_exit_statuses(earlier):
+    """The exit statuses of the stage processes this process adopted since it had the children ``earlier`` (this
+    process's own W&B service among them). The W&B services of stage processes, adopted when their process exits,
+    are waited for too, but they are helpers, not stages."""
     statuses = []
-    while True:
-        try:
-            _, raw = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return statuses
-        statuses.append(os.waitstatus_to_exitcode(raw))
+    while adopted := sorted(_children() - earlier):
+        for pid in adopted:
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                _, raw = os.waitpid(pid, 0)
+            except (ChildProcessError, FileNotFoundError):
+                continue
+            if name != "wandb-core":
+                statuses.append(os.waitstatus_to_exitcode(raw))
+    return statuses
 
 
 def saved_steps(stage, out):
@@ -179,6 +187,7 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_stage_exits_75(input
     steps = 40
     args, out = named_run(inputs, stage, f"term-{launcher}-{stage}", steps)
     assert adopt_orphans()  # so that this test can read the exit status of a stage whose launcher exited first
+    earlier = _children()
     proc = launch(launcher, stage, args)
     wait_for_step(out / "metrics.jsonl", 3, proc)
     proc.send_signal(signal.SIGTERM)  # to the launcher only, as `kill <pid>` or a scheduler's first signal does
@@ -187,10 +196,10 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_stage_exits_75(input
     assert not any(f'File "{REPO_ROOT / part}' in stderr for part in ("rlhf", "stages", "launch")), stderr[-3000:]
     if launcher == "accelerate" and proc.returncode == -signal.SIGTERM:
         # accelerate before 1.16 exits on SIGTERM at once; the stage, adopted here, stops on its own.
-        assert adopted_exit_statuses() == [EXIT_INTERRUPTED]
+        assert adopted_exit_statuses(earlier) == [EXIT_INTERRUPTED]
     elif launcher == "accelerate":
         # accelerate 1.16 passes SIGTERM on, waits for the stage (5 s at most) and exits with 128 + SIGTERM.
-        assert proc.returncode == 128 + signal.SIGTERM and adopted_exit_statuses() == []
+        assert proc.returncode == 128 + signal.SIGTERM and adopted_exit_statuses(earlier) == []
     else:  # torchrun passes SIGTERM on, waits for its worker and then reports the signal itself
         assert proc.returncode != 0
     assert read_manifest(out) is None  # incomplete: nothing downstream may take it

@@ -99,3 +99,23 @@ def test_a_rerun_starts_its_tensorboard_logs_afresh(run, monkeypatch):
     after = sorted((run_dir / "ppo" / "tensorboard").glob("events.*"))
     assert len(after) == 1 and after[0] not in before
     assert read_manifest(run_dir / "ppo")["trackers"]["wandb"]["mode"] == "disabled"
+
+
+def test_a_stage_starts_its_own_wandb_service(run, tmp_path):
+    """A W&B service a parent process left in the environment (WANDB_SERVICE; gone with that process here) is not
+    the stage's: it starts its own and its offline run is complete."""
+    import os
+    import subprocess
+    import sys
+
+    from support import wandb_run_contents
+
+    from rlhf.launcher import REPO_ROOT
+
+    _, argv = run
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SERVICE="3-999999-tcp-localhost-9")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "ppo.py"), *argv, f"run_dir={tmp_path / 'own'}",
+                           "ppo.num_updates=1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    directory = read_manifest(tmp_path / "own" / "ppo")["trackers"]["wandb"]["dir"]
+    assert wandb_run_contents(Path(directory))["run"].job_type == "ppo"

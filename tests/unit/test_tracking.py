@@ -369,3 +369,39 @@ def test_import_stays_light() -> None:
             "print(sorted(m for m in ('torch', 'wandb', 'transformers', 'tensorboard') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_wandb_failure_stops_wandb_logging_and_never_the_stage(tmp_path: Path, monkeypatch, caplog) -> None:
+    """W&B's service can die under the run (a SIGTERM to the whole job reaches it too): one warning, then the run
+    goes on with metrics.jsonl (and TensorBoard), and finishing it does not raise."""
+    from wandb.sdk.wandb_run import Run
+
+    def lost(self, *args, **kwargs):
+        raise ConnectionResetError("Connection lost")
+
+    with Tracker(tmp_path, stage="ppo", report_to=["wandb"]) as tracker:
+        tracker.log({"rollout/kl": 0.5}, step=1)
+        monkeypatch.setattr(Run, "log", lost)
+        monkeypatch.setattr(Run, "finish", lost)
+        tracker.log({"rollout/kl": 0.25}, step=2)
+        tracker.log({"rollout/kl": 0.125}, step=3)
+        tracker.log_table("samples", ["prompt"], [["a"]], step=3)
+        tracker.summary({"final/kl": 0.125})
+    assert [r["rollout/kl"] for r in read_metrics(tmp_path)] == [0.5, 0.25, 0.125]
+    assert read_summary(tmp_path) == {"final/kl": 0.125}
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B: ")]
+    assert warnings == ["W&B: log failed (ConnectionResetError: Connection lost); W&B logging stops for this run, "
+                        "metrics.jsonl and TensorBoard go on"]
+
+
+def test_a_wandb_run_that_cannot_start_leaves_the_stage_on_jsonl(tmp_path: Path, monkeypatch, caplog) -> None:
+    import wandb
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("Connect call failed ('127.0.0.1', 9)")
+
+    monkeypatch.setattr(wandb, "init", refused)
+    with Tracker(tmp_path, stage="sft", report_to=["wandb"]) as tracker:
+        tracker.log({"train/loss": 1.0}, step=1)
+    assert tracker.locations == {} and [r["train/loss"] for r in read_metrics(tmp_path)] == [1.0]
+    assert "W&B: could not start this stage's run (ConnectionRefusedError" in caplog.text
