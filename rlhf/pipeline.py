@@ -514,19 +514,28 @@ def _children() -> set[int]:
     return found
 
 
+def is_helper_process(pid: int) -> bool:
+    """Whether a process is one of W&B's helpers (``wandb-core``, ``wandb-symon``, ...) rather than a stage: its
+    name, which a process keeps until it is waited for."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith("wandb")
+    except OSError:
+        return False
+
+
 def _wait_for_adopted(status: int, earlier: set[int]) -> int:
     """Wait for the processes this one adopted because their launcher died first (Ctrl-C or SIGTERM stops
-    accelerate's launcher before the stage has saved); the exit status of the last of those stage processes, else
-    ``status``. Their own helpers, adopted in turn when a stage process exits (W&B's service), are waited for too,
+    accelerate's launcher before the stage has saved); the exit status of the last stage process among them, else
+    ``status``. The helpers a stage leaves behind (W&B's service, adopted when the stage exits) are waited for too,
     but their status is not the stage's. Children it had before the stage started are left alone."""
-    stages = _children() - earlier
     while adopted := sorted(_children() - earlier):
         for pid in adopted:
+            helper = is_helper_process(pid)
             try:
                 _, raw = os.waitpid(pid, 0)
             except ChildProcessError:
                 continue
-            if pid in stages:
+            if not helper:
                 status = os.waitstatus_to_exitcode(raw)
     return status
 

@@ -362,8 +362,8 @@ from rlhf.signals import adopt_orphans
 assert adopt_orphans()
 earlier = _children()
 # The launcher starts the stage and exits at once; the stage starts a helper that outlives it (as W&B's service
-# outlives the process it serves) and exits 75 (interrupted); the helper exits 0.
-helper = "import time; time.sleep(1.0)"
+# outlives the process it serves, and named as it is) and exits 75 (interrupted); the helper exits 0.
+helper = "import ctypes, time; ctypes.CDLL(None).prctl(15, b'wandb-core', 0, 0, 0); time.sleep(1.0)"
 stage = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {helper!r}]); time.sleep(0.5); sys.exit(75)"
 launcher = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {stage!r}])"
 status = subprocess.run([sys.executable, "-c", launcher]).returncode

@@ -23,7 +23,7 @@ from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_cau
 from rlhf.checkpoint import checkpoints_dir, list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhf.launcher import REPO_ROOT, default_config_path
-from rlhf.pipeline import _children
+from rlhf.pipeline import _children, is_helper_process
 from rlhf.signals import EXIT_INTERRUPTED, FAULT_ENV, adopt_orphans
 from rlhf.tracking import read_metrics
 from rlhf.trl_bridge import last_trainer_checkpoint
@@ -128,17 +128,17 @@ def wait_for_step(metrics: Path, step: int, proc, timeout: float = 300) -> None:
 
 def adopted_exit_statuses(earlier):
     """The exit statuses of the stage processes this process adopted since it had the children ``earlier`` (this
-    process's own W&B service among them). The W&B services of stage processes, adopted when their process exits,
-    are waited for too, but they are helpers, not stages."""
+    process's own W&B service among them). W&B's helpers, adopted when a stage process exits, are waited for too,
+    but they are not stages."""
     statuses = []
     while adopted := sorted(_children() - earlier):
         for pid in adopted:
+            helper = is_helper_process(pid)
             try:
-                name = Path(f"/proc/{pid}/comm").read_text().strip()
                 _, raw = os.waitpid(pid, 0)
-            except (ChildProcessError, FileNotFoundError):
+            except ChildProcessError:
                 continue
-            if name != "wandb-core":
+            if not helper:
                 statuses.append(os.waitstatus_to_exitcode(raw))
     return statuses
 
