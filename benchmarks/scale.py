@@ -180,10 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = []
+    failed = []
     for name in args.runs:
         sft, reward = upstream(RUNS[name][0], args.workdir)
-        results.append(measure(name, ppo_run(name, args.workdir, args.updates, sft, reward)))
-    text = table(results)
+        try:
+            results.append(measure(name, ppo_run(name, args.workdir, args.updates, sft, reward)))
+        except SystemExit as exc:  # one setting that fails does not cost the others; its log is named
+            print(exc, file=sys.stderr)
+            failed.append(f"| {name} | failed: see {args.workdir / 'logs' / (name + '.log')} |")
+    text = "\n".join([table(results), *failed])
     print(text)
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
     (args.workdir / "scale.md").write_text(text + "\n")
