@@ -523,11 +523,11 @@ def is_helper_process(pid: int) -> bool:
         return False
 
 
-def _wait_for_adopted(status: int, earlier: set[int]) -> int:
-    """Wait for the processes this one adopted because their launcher died first (Ctrl-C or SIGTERM stops
-    accelerate's launcher before the stage has saved); the exit status of the last stage process among them, else
-    ``status``. The helpers a stage leaves behind (W&B's service, adopted when the stage exits) are waited for too,
-    but their status is not the stage's. Children it had before the stage started are left alone."""
+def reap_adopted(earlier: set[int]) -> list[int]:
+    """Wait for every process this one adopted since it had the children ``earlier`` (a stage whose launcher died
+    first, and then the helpers a stage leaves behind, W&B's service, adopted when the stage exits); the exit
+    statuses of the stage processes among them, in the order they were waited for."""
+    statuses = []
     while adopted := sorted(_children() - earlier):
         for pid in adopted:
             helper = is_helper_process(pid)
@@ -536,8 +536,15 @@ def _wait_for_adopted(status: int, earlier: set[int]) -> int:
             except ChildProcessError:
                 continue
             if not helper:
-                status = os.waitstatus_to_exitcode(raw)
-    return status
+                statuses.append(os.waitstatus_to_exitcode(raw))
+    return statuses
+
+
+def _wait_for_adopted(status: int, earlier: set[int]) -> int:
+    """After the launcher exited with ``status``: the exit status of the last stage process this one adopted
+    (Ctrl-C or SIGTERM stops accelerate's launcher before the stage has saved; `reap_adopted`), else ``status``."""
+    statuses = reap_adopted(earlier)
+    return statuses[-1] if statuses else status
 
 
 def _main_thread() -> bool:

@@ -470,12 +470,11 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
     if scorer is not None:
         scorer.model = prepare_frozen(accelerator, scorer.model)
     unwrapped = accelerator.unwrap_model(model)
+    training_dtype = compute_dtype(accelerator, unwrapped.policy)
     paths = SpeedPaths.chosen(cfg, pack_trained=onednn_linears(accelerator, cfg.model),
-                              pack_reward=onednn_linears(accelerator, cfg.reward_model),
-                              training_dtype=compute_dtype(accelerator, unwrapped.policy))
+                              pack_reward=onednn_linears(accelerator, cfg.reward_model), training_dtype=training_dtype)
     flops = UpdateFlops.of(unwrapped.policy, unwrapped.critic, reward_module, reward_is_encoder=inputs.reward_is_encoder,
-                           reuse_logprobs=paths.reuse_logprobs, device=str(accelerator.device),
-                           dtype=compute_dtype(accelerator, unwrapped.policy))
+                           reuse_logprobs=paths.reuse_logprobs, device=str(accelerator.device), dtype=training_dtype)
     training = Training(accelerator, model, unwrapped, optimizer, scheduler, paths,
                         micro_batch_size=layout.minibatch // layout.micro_batches, micro_batches=layout.micro_batches,
                         pad_token_id=inputs.tokenizer.pad_token_id)

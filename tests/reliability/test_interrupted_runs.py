@@ -23,7 +23,7 @@ from support import demo_rows, plain_tokenizer, save_reward_model, save_tiny_cau
 from rlhf.checkpoint import checkpoints_dir, list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config
 from rlhf.launcher import REPO_ROOT, default_config_path
-from rlhf.pipeline import _children, is_helper_process
+from rlhf.pipeline import _children, reap_adopted
 from rlhf.signals import EXIT_INTERRUPTED, FAULT_ENV, adopt_orphans
 from rlhf.tracking import read_metrics
 from rlhf.trl_bridge import last_trainer_checkpoint
@@ -126,23 +126,6 @@ def wait_for_step(metrics: Path, step: int, proc, timeout: float = 300) -> None:
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def adopted_exit_statuses(earlier):
-    """The exit statuses of the stage processes this process adopted since it had the children ``earlier`` (this
-    process's own W&B service among them). W&B's helpers, adopted when a stage process exits, are waited for too,
-    but they are not stages."""
-    statuses = []
-    while adopted := sorted(_children() - earlier):
-        for pid in adopted:
-            helper = is_helper_process(pid)
-            try:
-                _, raw = os.waitpid(pid, 0)
-            except ChildProcessError:
-                continue
-            if not helper:
-                statuses.append(os.waitstatus_to_exitcode(raw))
-    return statuses
-
-
 def saved_steps(stage, out):
     if stage_of(stage) in OWN_CHECKPOINTS:
         return list_checkpoints(out)
@@ -196,10 +179,10 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_stage_exits_75(input
     assert not any(f'File "{REPO_ROOT / part}' in stderr for part in ("rlhf", "stages", "launch")), stderr[-3000:]
     if launcher == "accelerate" and proc.returncode == -signal.SIGTERM:
         # accelerate before 1.16 exits on SIGTERM at once; the stage, adopted here, stops on its own.
-        assert adopted_exit_statuses(earlier) == [EXIT_INTERRUPTED]
+        assert reap_adopted(earlier) == [EXIT_INTERRUPTED]
     elif launcher == "accelerate":
         # accelerate 1.16 passes SIGTERM on, waits for the stage (5 s at most) and exits with 128 + SIGTERM.
-        assert proc.returncode == 128 + signal.SIGTERM and adopted_exit_statuses(earlier) == []
+        assert proc.returncode == 128 + signal.SIGTERM and reap_adopted(earlier) == []
     else:  # torchrun passes SIGTERM on, waits for its worker and then reports the signal itself
         assert proc.returncode != 0
     assert read_manifest(out) is None  # incomplete: nothing downstream may take it
