@@ -45,12 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as wl  # noqa: E402
 
-# EOS's logit advantage in the variable-length variant (see workload.boost_eos): responses of up to 48 tokens then
-# average about 23, and one in seven runs to the limit. That variant trains with a learning rate of 1e-12 (the same work),
-# so that the policy does not learn to avoid EOS and the lengths stay where they are.
-VARIABLE_LENGTH_EOS_LOGIT = 5.5
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=None, help="timed updates (default: the workload's)")
@@ -86,7 +80,7 @@ def make_workload(args: argparse.Namespace) -> dict[str, Any]:
     if args.updates:
         workload["timed_updates"] = args.updates
     if args.variable_length:
-        workload["eos_logit"] = VARIABLE_LENGTH_EOS_LOGIT
+        workload["eos_logit"] = wl.VARIABLE_LENGTH_EOS_LOGIT
     return workload
 
 
@@ -116,7 +110,7 @@ def ppo_overrides(workload: dict[str, Any], models: Path, run_dir: Path, args: a
         f"reward_model.name_or_path={models / 'reward'}", f"reward_model.dtype={args.dtype}",
         f"data.path={models / 'prompts.jsonl'}", "data.eval_path=null", "data.eval_fraction=0.01",
         # The variable-length variant keeps its length distribution: PPO would otherwise soon learn to avoid EOS.
-        f"optim.learning_rate={1e-12 if args.variable_length else workload['learning_rate']}",
+        f"optim.learning_rate={wl.VARIABLE_LENGTH_LEARNING_RATE if args.variable_length else workload['learning_rate']}",
         f"rollout.batch_size={rollouts}", f"rollout.max_prompt_len={workload['prompt_tokens']}",
         f"rollout.max_new_tokens={workload['response_tokens']}", f"rollout.temperature={workload['temperature']}",
         f"rollout.top_k={workload['top_k']}", f"rollout.top_p={workload['top_p']}",

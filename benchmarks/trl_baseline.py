@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     wl.size_arguments(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16: TRL's bf16=True (bf16 autocast over fp32 weights)")
+    parser.add_argument("--variable-length", action="store_true",
+                        help="the variable-length variant: the policy samples EOS often (workload.boost_eos) and "
+                             "responses end at their first EOS (TRL's stop_token='eos')")
     args = parser.parse_args(argv)
     for name in ("updates", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -118,11 +121,12 @@ def sized_workload(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """The workload at the size the options ask for, and where its models are cached."""
     default = wl.load_workload()
     workload = wl.with_size(default, layers=args.layers, width=args.width, heads=args.heads)
-    if args.workdir is not None:
-        return workload, args.workdir
     arch = workload["policy_and_reference"]
     suffix = "" if workload == default else f"-{arch['n_layer']}x{arch['n_embd']}x{arch['n_head']}"
-    return workload, HERE / ".cache" / f"workload{suffix}"
+    if args.variable_length:
+        workload["eos_logit"] = wl.VARIABLE_LENGTH_EOS_LOGIT
+        suffix += "-variable"
+    return workload, args.workdir or HERE / ".cache" / f"workload{suffix}"
 
 
 class UpdateClock:
@@ -316,11 +320,11 @@ def make_trainer(workload: dict[str, Any], models: Path, workdir: Path, updates:
         num_ppo_epochs=workload["ppo_epochs"],
         total_episodes=rollouts * total_updates,
         local_rollout_forward_batch_size=rollouts,
-        learning_rate=workload["learning_rate"],
+        learning_rate=wl.VARIABLE_LENGTH_LEARNING_RATE if workload.get("eos_logit") else workload["learning_rate"],
         kl_coef=workload["kl_coef"],
         temperature=workload["temperature"],  # TRL samples with top_k=0, top_p=1.0: the workload's values
         response_length=workload["response_tokens"],
-        stop_token=None,
+        stop_token="eos" if workload.get("eos_logit") else None,
         missing_eos_penalty=None,
         bf16=dtype == "bfloat16",
         fp16=False,
@@ -389,6 +393,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fraction_of_peak": round(gflop / s_per_update / peak, 4),
         "threads": threads,
         "dtype": args.dtype,
+        "variable_length": args.variable_length,
         **wl.device_report(),
         "workload": {k: workload["policy_and_reference"][k] for k in ("n_layer", "n_head", "n_embd")},
         "updates_timed": len(times),

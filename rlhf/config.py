@@ -855,6 +855,12 @@ class PPOAlgoConfig:
     num_minibatches: int = option(2, doc="Minibatches (optimiser steps) per PPO epoch; must divide the batch.", ge=1)
     micro_batch_size: int = option(32, doc="Sequences per forward/backward pass on one process.", ge=1,
                                    semantic=False)
+    micro_batch_tokens: int | None = option(
+        None, doc="Pack each process's forward/backward passes by tokens instead of rows: at most this many token "
+                  "positions per pass (its rows x their longest prompt + response, padding included), short rows "
+                  "sharing a pass; the number of passes per minibatch varies, the same on every process, and the "
+                  "gradient is the same. Must hold the longest row (rollout.max_prompt_len + "
+                  "rollout.max_new_tokens). None: ppo.micro_batch_size rows per pass.", ge=1, semantic=False)
     clip_range: float = option(0.2, doc="Policy ratio clip epsilon.", gt=0)
     value_clip_range: float = option(0.2, doc="Value clip epsilon around the rollout's values.", gt=0)
     vf_coef: float = option(0.1, doc="Weight of the value loss in the joint loss.", ge=0)
@@ -1081,6 +1087,13 @@ class PPOConfig(StageConfig):
         if estimator in ("grpo", "rloo") and group < 2:
             raise ConfigError(f"ppo.advantage_estimator={estimator} compares the responses to one prompt: set "
                               "rollout.samples_per_prompt to 2 or more (e.g. 4)")
+        longest = self.rollout.max_prompt_len + self.rollout.max_new_tokens
+        if self.ppo.micro_batch_tokens is not None and self.ppo.micro_batch_tokens < longest:
+            raise ConfigError(
+                f"ppo.micro_batch_tokens={self.ppo.micro_batch_tokens} cannot hold the longest row a rollout can "
+                f"have, rollout.max_prompt_len + rollout.max_new_tokens = {longest} tokens; raise it to {longest} "
+                "or more"
+            )
         if self.data.max_length is not None:
             # Prompts are never dropped for their length here: they keep their last rollout.max_prompt_len tokens.
             raise ConfigError(

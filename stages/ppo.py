@@ -65,6 +65,7 @@ from rlhf.ppo.flops import PHASES as FLOP_PHASES, UpdateFlops, flops_metrics
 from rlhf.ppo.estimators import aggregate, grpo_advantages, per_token, reinforce_pp_advantages, rloo_advantages
 from rlhf.ppo.losses import entropy_bonus, explained_variance_from_moments, kl_loss, policy_loss, value_loss
 from rlhf.ppo.masked import masked_sum, mean_var, moments, whiten
+from rlhf.ppo.micro_batches import accumulating, micro_batches
 from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, policy_forward, score_module, token_values
 from rlhf.ppo import speed
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
@@ -170,6 +171,19 @@ def gathered_for_generation(accelerator: Any, model: torch.nn.Module) -> Iterato
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         yield
+
+
+def release_inference_gathers(accelerator: Any, engine: Any) -> None:
+    """Under ZeRO-3, partition all of the trained engine's weights again before it trains: the training forward
+    then gathers them afresh. A weight gathered inside ``torch.inference_mode`` (generation, scoring, the held-out
+    evaluation) is an inference tensor, which autograd cannot save for backward; and once DeepSpeed's trace of the
+    passes is complete it keeps its persistent parameters (those of at most ``stage3_param_persistence_threshold``
+    elements: LoRA's adapters, biases, norms) and its prefetches gathered from one pass to the next. With LoRA the
+    reference is the engine's own policy, and from the third update (the trace completes at the second update's
+    training forward) the weights its scoring passes gathered reached the training forward. DeepSpeed's own
+    optimiser step starts the same way."""
+    if zero_stage(accelerator) == 3:
+        engine.optimizer.parameter_offload.partition_all_parameters()
 
 
 def load_prompts(cfg: PPOConfig, contract: TextContract) -> tuple[EvalPrompts, EvalPrompts, dict[str, Any]]:
@@ -586,6 +600,8 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     # Tensors made under inference_mode cannot be saved for backward; clones outside it can.
     batch = Batch(*(clone_tree(x) for x in (rollout, scored.old_logprobs, scored.ref_logprobs, shaped.old_values,
                                              shaped.advantages, shaped.returns)))
+    # Nor can the weights ZeRO-3 gathered inside it: partitioned again, they are gathered by the training forward.
+    release_inference_gathers(accelerator, models.training.model)
     rollout_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -614,6 +630,7 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
         # Tokens drawn (including those after a stop token) and optimiser steps: what the update did.
         "perf/sampled_tokens": drawn["sampled_tokens"] * cfg.rollout.batch_size,
         "ppo/optimizer_steps": trained.optimizer_steps, "ppo/epochs": trained.epochs,
+        "perf/train_passes": losses["perf/train_passes"], "perf/train_padding": losses["perf/train_padding"],
         "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
         **work,
         **signals,
@@ -1021,13 +1038,22 @@ class UpdateStats:
     """What one update's optimisation did on this process. ``sums`` adds up, per `LOSS_METRICS` name, each
     micro-batch's share of its minibatch's token mean (so over processes and minibatches it gives the mean per
     minibatch); ``logprob_gap`` is the first minibatch's mean |training - rollout log-prob|, before any step;
-    ``bad`` names what was not finite when the update was skipped."""
+    ``bad`` names what was not finite when the update was skipped; ``passes``, ``positions`` and ``tokens`` count
+    the forward/backward passes, the token positions they computed (padding included) and the tokens among them."""
 
     sums: dict[str, torch.Tensor]
     logprob_gap: torch.Tensor
     optimizer_steps: int = 0
     epochs: int = 0
     bad: str | None = None
+    passes: int = 0
+    positions: int = 0
+    tokens: int = 0
+
+    def count_pass(self, rollout: Rollout) -> None:
+        self.passes += 1
+        self.positions += rollout.attention_mask.numel()
+        self.tokens += int(rollout.attention_mask.sum())
 
     @classmethod
     def zeros(cls, device: Any, bad: str | None, names: tuple[str, ...] = LOSS_METRICS) -> "UpdateStats":
@@ -1035,10 +1061,16 @@ class UpdateStats:
         return cls({name: zero() for name in names}, zero(), bad=bad)
 
     def reduced(self, accelerator: Any, num_minibatches: int) -> dict[str, float]:
-        """Means over the minibatches run on all processes, and the log-prob gap: one reduce."""
-        totals = accelerator.reduce(torch.stack([*self.sums.values(), self.logprob_gap]), "sum")
-        means = totals[:-1] / max(self.epochs * num_minibatches, 1)
-        return {**dict(zip(self.sums, means.tolist())), "ppo/logprob_gap": totals[-1].item()}
+        """Means over the minibatches run on all processes, the log-prob gap, the passes per process and the share
+        of the positions trained that were padding: one reduce."""
+        counts = torch.tensor([self.passes, self.positions, self.tokens], dtype=torch.float64,
+                              device=self.logprob_gap.device)
+        totals = accelerator.reduce(torch.cat([torch.stack([*self.sums.values(), self.logprob_gap]), counts]), "sum")
+        means = totals[:-4] / max(self.epochs * num_minibatches, 1)
+        passes, positions, tokens = totals[-3:].tolist()
+        return {**dict(zip(self.sums, means.tolist())), "ppo/logprob_gap": totals[-4].item(),
+                "perf/train_passes": passes / accelerator.num_processes,
+                "perf/train_padding": 1 - tokens / positions if positions else 0.0}
 
 
 def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, skip: str | None,
@@ -1054,6 +1086,7 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
     # Every process holds the whole global batch, so a minibatch is the same rows on 1 or N processes.
     full = gather_batch(accelerator, batch, training.pad_token_id)
     seq_lengths = full.rollout.attention_mask.sum(-1)
+    prompt_lengths, response_lengths = full.rollout.prompt_mask.sum(-1), full.rollout.response_mask.sum(-1)
     kl_before = stats.sums["ppo/approx_kl"].clone()
     for epoch in range(cfg.ppo.ppo_epochs):
         if stats.bad is not None:  # a skipped update, or non-finite gradients in an earlier epoch
@@ -1066,12 +1099,17 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
         kl_before = stats.sums["ppo/approx_kl"].clone()
         stats.epochs += 1
         for mb_index, (mb_tokens, mb_rows) in enumerate(minibatches(
-                cfg, update, epoch, full.rollout.response_mask, state.process_index, state.num_processes,
+                cfg, update, epoch, full.rollout.response_mask,
                 order=lambda rows: training.speed.micro_batch_order(rows, seq_lengths))):
+            passes = micro_batches(mb_rows, state.process_index, state.num_processes,
+                                   max_rows=training.micro_batch_size, max_tokens=cfg.ppo.micro_batch_tokens,
+                                   prompt_lengths=prompt_lengths, response_lengths=response_lengths)
             # The speed paths of this minibatch's forwards and backwards: its one optimiser step comes after them.
             with training.speed.training(training.unwrapped):
-                for micro_rows in mb_rows.split(training.micro_batch_size):
-                    if not micro_step(cfg, training, full.select(micro_rows), mb_tokens, stats, update=update,
+                for i, micro_rows in enumerate(passes):
+                    mb = full.select(micro_rows)
+                    stats.count_pass(mb.rollout)
+                    if not micro_step(cfg, training, mb, mb_tokens, stats, update=update, last=i == len(passes) - 1,
                                       first_minibatch=epoch == 0 and mb_index == 0, critic_source=critic_source,
                                       score_stats=score_stats, kl_coef=kl_coef):
                         stats.bad = "gradients"  # this step is not taken, nor the rest of the update
@@ -1086,11 +1124,11 @@ def optimise(cfg: PPOConfig, training: Training, batch: Batch, update: int, *, s
 
 
 def micro_step(cfg: PPOConfig, training: Training, mb: Batch, mb_tokens: torch.Tensor, stats: UpdateStats, *,
-               update: int, first_minibatch: bool, critic_source: str,
+               update: int, last: bool, first_minibatch: bool, critic_source: str,
                score_stats: dict[str, float] | None, kl_coef: float = 0.0) -> bool:
-    """Forward, losses and backward of one micro-batch, and the optimiser step at the end of its minibatch; its
-    statistics go into ``stats``. False when the gradient was not finite (no step was taken)."""
-    with training.accelerator.accumulate(training.model):
+    """Forward, losses and backward of one micro-batch, and the optimiser step after the ``last`` of its
+    minibatch; its statistics go into ``stats``. False when the gradient was not finite (no step was taken)."""
+    with accumulating(training.accelerator, training.model, last=last):
         logprobs, entropy, values = training.model(mb.rollout.input_ids, mb.rollout.attention_mask,
                                                    mb.old_logprobs.shape[1], cfg.rollout.temperature or 1.0, True)
         if fault_injected("inf_grad", update + 1):
@@ -1102,8 +1140,9 @@ def micro_step(cfg: PPOConfig, training: Training, mb: Batch, mb_tokens: torch.T
                                        score_stats=score_stats, kl_coef=kl_coef)
         if fault_injected("nan_loss", update + 1):
             loss = loss * float("nan")
-        # DDP averages gradients over processes and accelerate divides by the accumulation steps; undo both so the
-        # gradient is that of the global token-mean loss.
+        # DDP averages gradients over processes and accelerate (or DeepSpeed) divides by the configured
+        # accumulation steps, however many passes the minibatch takes; undo both so the gradient is that of the
+        # global minibatch loss.
         if not optimiser_step(training.accelerator, training.model, training.optimizer,
                               loss * training.accelerator.num_processes * training.micro_batches,
                               cfg.optim.max_grad_norm):
@@ -1170,14 +1209,14 @@ def gather_batch(accelerator: Any, batch: Batch, pad_token_id: int) -> Batch:
                                                         batch.advantages, batch.returns)))
 
 
-def minibatches(cfg: PPOConfig, update: int, epoch: int, response_mask: torch.Tensor, process_index: int,
-                num_processes: int, *, order: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows,
+def minibatches(cfg: PPOConfig, update: int, epoch: int, response_mask: torch.Tensor, *,
+                order: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One PPO epoch's minibatches of the global batch: ``(token count of the global minibatch, this process's
-    rows of it)``. A permutation keyed by (seed, update, epoch) cuts the batch into ``ppo.num_minibatches`` parts;
-    each part's rows are put in ``order`` (by length on the speed paths: micro-batches of similar lengths waste
-    less compute on padding) and dealt to the processes in turn, so every process trains on as many rows as the
-    others and the minibatches do not depend on the number of processes. response_mask: [B, R]."""
+    """One PPO epoch's minibatches of the global batch: ``(token count of the global minibatch, its rows)``. A
+    permutation keyed by (seed, update, epoch) cuts the batch into ``ppo.num_minibatches`` parts; each part's rows
+    are put in ``order`` (by length on the speed paths: micro-batches of similar lengths waste less compute on
+    padding), to be dealt to the processes in turn (`micro_batches`), so every process trains on as many rows as
+    the others and the minibatches do not depend on the number of processes. response_mask: [B, R]."""
     # The key of the one permutation is that of process 0 when each process shuffled its own rows, so one-process
     # runs (and their checkpoints) draw the minibatches they drew before.
     generator = torch.Generator().manual_seed(
@@ -1187,7 +1226,7 @@ def minibatches(cfg: PPOConfig, update: int, epoch: int, response_mask: torch.Te
     for mb_rows in permutation.split(size):
         # Losses are token sums over the global minibatch token count (sharded == global loss).
         mb_tokens = response_mask[mb_rows].sum().float()
-        yield mb_tokens, order(mb_rows)[process_index::num_processes]
+        yield mb_tokens, order(mb_rows)
 
 
 def optimiser_step(accelerator: Any, model: Any, optimizer: Any, loss: torch.Tensor,

@@ -286,3 +286,11 @@ def spy_on_packed_products(monkeypatch) -> list:
     real = onednn._linear
     monkeypatch.setattr(onednn, "_linear", lambda *args: products.append(1) or real(*args))
     return products
+
+
+#: Accelerate's environment for DeepSpeed ZeRO-3 (what `accelerate launch` exports from configs/accelerate/zero3.yaml),
+#: for torchrun, which starts two CPU processes that see each other.
+ZERO3_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+             "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+             "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+             "ACCELERATE_MIXED_PRECISION": "no"}
