@@ -6,7 +6,8 @@
 - ``zero``: SFT, reward and PPO training under ZeRO-2 and ZeRO-3 on one GPU, on a randomly initialised GPT-2
   (12 x 768) built here: per run the exit status, the wall time and the final figures. The reward run starts from
   the SFT output of the same ZeRO stage; PPO uses both, saves a DeepSpeed checkpoint, and a second launch resumes
-  from it for two more updates.
+  from it for two more updates. PPO's last update reports its utilisation of the GPU's dense bf16 peak and, under
+  ZeRO-3, how many times each phase gathered its models' weights.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ STAGE_ARGS = {
             "checks.reward_gate=false", "checks.min_score_std=0", "checks.min_eos_rate=0"],
 }
 REPORTED = ("train/loss", "eval/loss", "eval/accuracy", "final/score_mean", "final/kl", "rollout/kl",
-            "ppo/policy_loss", "ppo/value_loss", "time/rollout_s", "time/train_s", "perf/tokens_per_s")
+            "ppo/policy_loss", "ppo/value_loss", "time/rollout_s", "time/train_s", "perf/tokens_per_s",
+            "perf/utilisation")
+#: Of PPO's last update (metrics.jsonl): the utilisation of the GPU's dense bf16 peak per phase, and under ZeRO-3
+#: how many times each phase gathered its models' weights (counted at DeepSpeed's communication backend).
+LAST_UPDATE = ("perf/utilisation", "perf/utilisation_generate", "perf/utilisation_train",
+               "perf/weight_gathers_generate", "perf/weight_gathers_score", "perf/weight_gathers_train",
+               "perf/train_passes")
 
 
 def launch(stage: str, zero: str, run_dir: Path, model: str, *extra: str) -> dict:
@@ -63,6 +70,11 @@ def launch(stage: str, zero: str, run_dir: Path, model: str, *extra: str) -> dic
     if manifest.is_file():
         metrics = json.loads(manifest.read_text())["metrics"]
         result.update({k: metrics[k] for k in REPORTED if k in metrics})
+    updates = run_dir / stage / "metrics.jsonl"
+    if stage == "ppo" and updates.is_file():
+        rows = [json.loads(line) for line in updates.read_text().splitlines() if '"perf/utilisation"' in line]
+        if rows:
+            result["last_update"] = {k: rows[-1][k] for k in LAST_UPDATE if k in rows[-1]}
     if done.returncode != 0:
         result["stderr_tail"] = done.stderr[-1500:]
     return result

@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sampled_tokens_per_update": statistics.median(r["perf/sampled_tokens"] for r in timed),
             "mean_response_tokens": round(statistics.median(r["rollout/response_len"] for r in timed), 2),
             "optimizer_steps_per_update": statistics.median(r["ppo/optimizer_steps"] for r in timed),
+            "training_passes_per_update": statistics.median(r["perf/train_passes"] for r in timed),
+            "training_padding_share": round(statistics.median(r["perf/train_padding"] for r in timed), 3),
             "reference_forwards": statistics.median(c["reference"] for c in calls),
             "reward_forwards": statistics.median(c["reward"] for c in calls),
             "critic_forwards": statistics.median(c["critic"] for c in calls),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,6 +49,8 @@ RUNS: dict[str, tuple[str, int, dict[str, str], list[str]]] = {
     "gpt2-zero3": ("gpt2", 2, {**ZERO_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, []),
     "gpt2-lora-ddp": ("gpt2", 2, {"ACCELERATE_USE_CPU": "1"}, ["peft.method=lora"]),
     "gpt2-lora-zero3": ("gpt2", 2, {**ZERO_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["peft.method=lora"]),
+    # Four times the tokens of a training pass (8 rows of up to 96 tokens): what a token costs, for the memory model.
+    "gpt2-1proc-long": ("gpt2", 1, {}, ["rollout.max_new_tokens=64", "ppo.micro_batch_size=8"]),
     "qwen2-1proc": ("qwen2", 1, {}, []),
     "qwen2-zero3": ("qwen2", 2, {**ZERO_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, []),
 }
@@ -60,6 +63,7 @@ PPO = ["rollout.batch_size=8", "rollout.max_prompt_len=32", "rollout.max_new_tok
        "checks.reward_gate=false", "checks.min_score_std=0", "checks.min_eos_rate=0", "upstream_configs={}"]
 PHASES = ("generate_s", "policy_value_s", "reference_s", "reward_s", "train_s")
 STATE = ("trained_weights", "optimizer", "reference_weights", "reward_weights")
+GATHERS = ("weight_gathers_generate", "weight_gathers_score", "weight_gathers_train")
 
 
 def build_model(family: str, out: Path) -> Path:
@@ -133,9 +137,36 @@ def ppo_run(name: str, workdir: Path, updates: int, sft: Path, reward: Path) -> 
     return out
 
 
-def measure(name: str, out: Path) -> dict[str, Any]:
+def parameters(model_dir: Path) -> int:
+    """Elements of the weights saved in ``model_dir`` (read from the safetensors headers, no weights loaded)."""
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+    return total
+
+
+def shape_of(manifest: dict[str, Any], sft: Path, reward: Path) -> dict[str, Any]:
+    """What the memory model (`rlhf.memory_model.Shape`) needs of a run: parameter counts, the policy's layers,
+    width and vocabulary, the token positions of a training pass, and the weights a ZeRO-3 pass keeps live."""
+    from rlhf.runtime import ZERO3_SIZED_BY_HIDDEN
+
+    config = json.loads((sft / "config.json").read_text())
+    width = config.get("hidden_size") or config["n_embd"]
+    cfg = manifest["config"]
+    return {"policy": parameters(sft), "critic": parameters(reward), "reward": parameters(reward),
+            "layers": config.get("num_hidden_layers") or config["n_layer"], "width": width,
+            "vocab": config["vocab_size"],
+            "pass_tokens": cfg["ppo"]["micro_batch_size"] * (cfg["rollout"]["max_prompt_len"]
+                                                              + cfg["rollout"]["max_new_tokens"]),
+            "trainable": manifest["metrics"]["trainable_parameters"],
+            "max_live_parameters": ZERO3_SIZED_BY_HIDDEN["stage3_max_live_parameters"](width)}
+
+
+def measure(name: str, out: Path, sft: Path, reward: Path) -> dict[str, Any]:
     """A run's figures: wall time, s/update and its phases (medians after the first update), tokens/s,
-    utilisation, and per process the peak RSS and model state (MiB)."""
+    utilisation, per process the peak RSS and model state (MiB), and its shape for the memory model."""
     from rlhf.checkpoint import read_manifest
     from rlhf.tracking import read_metrics
 
@@ -154,22 +185,77 @@ def measure(name: str, out: Path) -> dict[str, Any]:
         "peak_flops_per_process": manifest["peak_flops"]["per_process"],
         "peak_rss_mib": max(memory["peak_rss"]), "model_state_mib": max(state),
         **{f"{key}_mib": max(memory[key]) for key in STATE},
+        # Under ZeRO-3: the times each phase gathered its models' weights (rank 0, median over the updates).
+        **{key: statistics.median(r[f"perf/{key}"] for r in rows) for key in GATHERS if f"perf/{key}" in rows[0]},
+        "shape": shape_of(manifest, sft, reward),
     }
 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| run | procs | ZeRO | tuning | s/update | generate / score / train s | tokens/s | utilisation | "
-             "peak RSS / process (MiB) | model state / process (MiB): trained + optimiser + reference + reward |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS / process (MiB) | model state / process (MiB): trained + optimiser + reference + reward | "
+             "weights gathered per update: generate / score / train |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         score = r["policy_value_s"] + r["reference_s"] + r["reward_s"]
+        gathers = " / ".join(f"{r[key]:.2f}" for key in GATHERS) if GATHERS[0] in r else ""
         lines.append(
             f"| {r['run']} | {r['processes']} | {r['zero_stage']} | {r['peft']} | {r['s_per_update']:.1f} | "
             f"{r['generate_s']:.1f} / {score:.1f} / {r['train_s']:.1f} | {r['tokens_per_s']:.1f} | "
             f"{r['utilisation']:.3f} | {r['peak_rss_mib']:.0f} | {r['model_state_mib']:.0f}: "
             f"{r['trained_weights_mib']:.0f} + {r['optimizer_mib']:.0f} + {r['reference_weights_mib']:.0f} + "
-            f"{r['reward_weights_mib']:.0f} |")
+            f"{r['reward_weights_mib']:.0f} | {gathers} |")
     return "\n".join(lines)
+
+
+#: Models on paper, for the memory model's predictions on 8 GPUs: Qwen2.5-1.5B and -7B (layers, width, vocabulary,
+#: parameters), a reward model and critic of the policy's size, bf16 weights, micro-batches of 4 rows of 1024 tokens.
+PAPER = {"1.5B": (28, 1536, 151936, 1_543_714_304), "7B": (28, 3584, 152064, 7_615_616_512)}
+PAPER_SETTINGS = {"DDP": (0, False), "ZeRO-2": (2, False), "ZeRO-3": (3, False), "LoRA + DDP": (0, True),
+                  "LoRA + ZeRO-3": (3, True)}
+
+
+def on_paper(constants: Any) -> str:
+    """GiB per GPU on 8 GPUs, by setting, for the `PAPER` models (no gradient checkpointing; the process runtime
+    of the CPU fit left out, a GPU's CUDA context and allocator slack not modelled)."""
+    from rlhf.memory_model import MIB, Setting, Shape, predict
+    from rlhf.runtime import ZERO3_SIZED_BY_HIDDEN
+
+    # Activations: 34 bytes per token, layer and unit of width in 16 bits (Korthikanti et al. 2022, without
+    # recomputation, attention scores not kept: fused attention), 68 in float32 units; the CPU runs cannot measure
+    # them (their peak falls at the optimiser step, see benchmarks/README.md). ZeRO-3's overhead fitted on the CPU
+    # is left out: it is not traced to a component, so how it grows with the model is not known.
+    gpu = type(constants)(runtime_mib=0.0, activation_bytes=68.0, zero3_bytes=0.0)
+    lines = ["| model | " + " | ".join(PAPER_SETTINGS) + " |", "|---|" + "---|" * len(PAPER_SETTINGS)]
+    for name, (layers, width, vocab, params) in PAPER.items():
+        cells = []
+        for zero, lora in PAPER_SETTINGS.values():
+            # LoRA r=16 on the attention and MLP projections of policy and critic (`critic_peft.method=lora`):
+            # about 0.5% of each one's weights.
+            shape = Shape(policy=params, critic=params, reward=params, layers=layers, width=width, vocab=vocab,
+                          pass_tokens=4 * 1024, weight_bytes=2, trainable=int(0.01 * params) if lora else None,
+                          max_live_parameters=ZERO3_SIZED_BY_HIDDEN["stage3_max_live_parameters"](width))
+            cells.append(f"{predict(shape, Setting(8, zero, lora), gpu)['peak'] * MIB / 2 ** 30:.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fit_memory_model(workdir: Path) -> str:
+    """Fit the memory model's constants on the GPT-2 runs of ``WORKDIR/scale.json``, keep those results in
+    ``benchmarks/scale_results.json`` (the memory model's test reads them), and a table of predicted against
+    measured peak RSS for every run (Qwen2's held out of the fit)."""
+    from rlhf.memory_model import fit, predict, scale_run_shape
+
+    runs = json.loads((workdir / "scale.json").read_text())
+    constants = fit([(*scale_run_shape(r), r["peak_rss_mib"]) for r in runs if r["run"].startswith("gpt2")])
+    (HERE / "scale_results.json").write_text(json.dumps(runs, indent=1) + "\n")
+    lines = [f"fitted on the GPT-2 runs: {constants}", "",
+             "| run | measured peak RSS (MiB) | predicted | predicted / measured |", "|---|---|---|---|"]
+    for r in runs:
+        predicted = predict(*scale_run_shape(r), constants)["peak"]
+        measured = r["peak_rss_mib"]
+        lines.append(f"| {r['run']} | {measured:.0f} | {predicted:.0f} | {predicted / measured:.2f} |")
+    return "\n".join([*lines, "", "On paper, GiB per GPU on 8 GPUs:", "", on_paper(constants)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,14 +263,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "scale")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--updates", type=int, default=5)
+    parser.add_argument("--fit", action="store_true",
+                        help="only fit the memory model on the results so far (WORKDIR/scale.json)")
     args = parser.parse_args(argv)
+    if args.fit:
+        print(fit_memory_model(args.workdir))
+        return
     started = time.perf_counter()
     results = []
     failed = []
     for name in args.runs:
         sft, reward = upstream(RUNS[name][0], args.workdir)
         try:
-            results.append(measure(name, ppo_run(name, args.workdir, args.updates, sft, reward)))
+            results.append(measure(name, ppo_run(name, args.workdir, args.updates, sft, reward), sft, reward))
         except SystemExit as exc:  # one setting that fails does not cost the others; its log is named
             print(exc, file=sys.stderr)
             failed.append(f"| {name} | failed: see {args.workdir / 'logs' / (name + '.log')} |")
@@ -192,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
     (args.workdir / "scale.md").write_text(text + "\n")
-    (args.workdir / "scale.json").write_text(json.dumps(results, indent=1) + "\n")
+    # The runs of earlier invocations stay, each under its name, replaced by this one's.
+    saved = args.workdir / "scale.json"
+    earlier = {r["run"]: r for r in json.loads(saved.read_text())} if saved.is_file() else {}
+    saved.write_text(json.dumps(list({**earlier, **{r["run"]: r for r in results}}.values()), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ that ``benchmarks/ppo_throughput.py`` is compared with. Prints one JSON line on 
     bash benchmarks/setup_trl_baseline.sh      # once: .venv-trl with TRL 0.28.0 and the library versions of its day
     .venv-trl/bin/python benchmarks/trl_baseline.py [--updates N] [--threads T] [--workdir DIR]
                                                    [--layers L --width W --heads H] [--dtype float32|bfloat16]
+                                                   [--variable-length]
 
 Models: the workload's (``benchmarks/workload.py``, built in a child process so that tokenizer training does not
 count in this process's peak RSS): the policy and a separately loaded reference from ``policy/``, the reward and the

@@ -64,3 +64,54 @@ def process_memory(trained: torch.nn.Module, optimizer: Any, **frozen: torch.nn.
            "optimizer": optimizer_bytes(optimizer, trained) / MIB}
     out.update({f"{name}_weights": weight_bytes(model) / MIB for name, model in frozen.items()})
     return out
+
+
+class WeightGathers:
+    """Weight elements that ZeRO-3 all-gathers on this process, per phase. Every gather of a parameter's shards ends
+    in one of DeepSpeed's communication backend's all-gathers, so counting there misses none; the phase's count
+    divided by the elements of the models it runs is how many times their weights were gathered (generation with
+    the whole-rollout gather: once, whatever the number of tokens; a training pass: forward and backward)."""
+
+    #: The backend's all-gathers, and how to read the elements one call gathers from its arguments.
+    CALLS = {
+        "all_gather_into_tensor": lambda args, kwargs: kwargs.get("output_tensor", args[0] if args else None).numel(),
+        "all_gather_base": lambda args, kwargs: kwargs.get("output_tensor", args[0] if args else None).numel(),
+        "all_gather": lambda args, kwargs: sum(t.numel() for t in kwargs.get("tensor_list", args[0] if args else [])),
+        "all_gather_coalesced": lambda args, kwargs: sum(
+            t.numel() for t in kwargs.get("output_tensors", args[0] if args else [])),
+    }
+
+    def __init__(self) -> None:
+        self.elements: dict[str, int] = {}
+        self._phase: str | None = None
+
+    def install(self) -> "WeightGathers":
+        """Count from now on, instead of any counter installed before in this process (the process's DeepSpeed
+        backend must exist: after the engine is built)."""
+        from deepspeed import comm
+
+        backend = comm.comm.cdb
+        if getattr(backend, "weight_gathers", None) is None:
+            for name, size in self.CALLS.items():
+                original = getattr(backend, name)
+
+                def counted(*args: Any, _original: Any = original, _size: Any = size, **kwargs: Any) -> Any:
+                    backend.weight_gathers.add(_size(args, kwargs))
+                    return _original(*args, **kwargs)
+
+                setattr(backend, name, counted)
+        backend.weight_gathers = self
+        return self
+
+    def add(self, elements: int) -> None:
+        if self._phase is not None:
+            self.elements[self._phase] = self.elements.get(self._phase, 0) + elements
+
+    def phase(self, name: str | None) -> None:
+        """Charge the gathers from now on to phase ``name`` (None: to none)."""
+        self._phase = name
+
+    def take(self) -> dict[str, int]:
+        """The elements gathered per phase since the last take."""
+        out, self.elements = self.elements, {}
+        return out

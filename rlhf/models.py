@@ -128,6 +128,14 @@ def is_encoder(model_dir: str) -> bool:
                                                                                 "modernbert"))
 
 
+def hidden_size(model_dir: str) -> int:
+    """The width of a checkpoint's model (its config's ``hidden_size``, which GPT-2 maps from ``n_embd``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return int(getattr(config, "hidden_size", None) or max(getattr(config, "hidden_sizes", [0])))
+
+
 def load_tokenizer(model: ModelConfig) -> Any:
     """The tokenizer of ``model``; one without a pad token pads with EOS (our losses use masks, never pad ids)."""
     from transformers import AutoTokenizer

@@ -65,6 +65,26 @@ def is_deepspeed(state: Any) -> bool:
     return state.distributed_type == DistributedType.DEEPSPEED
 
 
+#: ZeRO-3's settings that decide how much of a model each process holds at once, sized by the model's hidden size h
+#: (what accelerate and the Trainer put in for ``"auto"``, and for the last two our own: a few layers' weights). Left
+#: to DeepSpeed's defaults (5e8 elements for the buckets, 1e5 for persistence, 1e9 live parameters and reuse
+#: distance), a model of 100M parameters is gathered whole and stays gathered: sharding then saves no memory.
+ZERO3_SIZED_BY_HIDDEN = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+    "stage3_max_live_parameters": lambda h: 3 * 12 * h * h,
+    "stage3_max_reuse_distance": lambda h: 3 * 12 * h * h,
+}
+
+
+def zero3_memory_settings(zero_config: Mapping[str, Any], hidden_size: int) -> dict[str, int]:
+    """The `ZERO3_SIZED_BY_HIDDEN` settings that ``zero_config`` (a DeepSpeed ``zero_optimization`` section) leaves
+    out or sets to ``"auto"``, for a model of ``hidden_size``; what a user set stays."""
+    return {key: size(hidden_size) for key, size in ZERO3_SIZED_BY_HIDDEN.items()
+            if zero_config.get(key, "auto") == "auto"}
+
+
 def fused_adamw(state: Any, device_type: str) -> bool:
     """Whether training uses torch's fused AdamW (one kernel per parameter group instead of a loop over tensors;
     the same update up to rounding): on CPU and CUDA, and not under DeepSpeed, whose ZeRO optimisers and CPU offload

@@ -46,13 +46,14 @@ from rlhf.data import prepare_stage_data
 from rlhf.errors import AlarmStop, ConfigError, TrainingDiverged
 from rlhf.evaluation import EvalPrompts, encode_prompts, evaluate_policy, summarise_records
 from rlhf.flops import utilisation
-from rlhf.memory import process_memory
+from rlhf.memory import WeightGathers, process_memory
 from rlhf.models import (
     apply_peft,
     check_model_source,
     count_parameters,
     disable_dropout,
     frozen,
+    hidden_size,
     is_encoder,
     load_causal_lm,
     load_sequence_scorer,
@@ -70,7 +71,8 @@ from rlhf.ppo.rollout import GenerationSettings, Rollout, generate, left_pad, po
 from rlhf.ppo import speed
 from rlhf.ppo.sampling import sample_seed, sample_uniforms
 from rlhf.ppo.speed import SpeedPaths
-from rlhf.runtime import StageRun, distributed_state, fused_adamw, is_deepspeed, onednn_linears
+from rlhf.runtime import (ZERO3_SIZED_BY_HIDDEN, StageRun, distributed_state, fused_adamw, is_deepspeed,
+                          onednn_linears, zero3_memory_settings)
 from rlhf.rewards import WeightedReward, load_reward_functions, score_responses
 from rlhf.scoring import RewardScorer
 from rlhf.signals import StageInterrupted, StopRequest, fault_injected, fault_point
@@ -149,9 +151,12 @@ def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
 
     plugin_config = accelerator.state.deepspeed_plugin.deepspeed_config
     stage = plugin_config.get("zero_optimization", {}).get("stage", 0)
+    zero = plugin_config.get("zero_optimization", {})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": plugin_config["train_micro_batch_size_per_gpu"],
-        "zero_optimization": {"stage": 3 if stage == 3 else 0},
+        # Sharded and gathered as the trained engine is (its sizes, `deepspeed_settings`).
+        "zero_optimization": {"stage": 3, **{key: zero[key] for key in ZERO3_SIZED_BY_HIDDEN if key in zero}}
+        if stage == 3 else {"stage": 0},
     }
     for precision in ("bf16", "fp16"):
         if plugin_config.get(precision, {}).get("enabled") is True:
@@ -163,14 +168,28 @@ def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def gathered_for_generation(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
-    """Under ZeRO-3, gather the policy's weights once for the whole rollout instead of once per generated token."""
+    """Under ZeRO-3, gather the policy's weights once for the whole rollout instead of once per generated token.
+    The engine's own hooks would release each layer's weights after its forward, inside the gathered block too, and
+    gather them again at the next token (counted: 9.8 times the policy per rollout of 8 tokens on the test model);
+    a weight in use by a module is never released, so each is marked in use by the rollout until its end."""
     if zero_stage(accelerator) != 3:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for param in params:
+            param.ds_active_sub_modules.add(ROLLOUT_IN_USE)
+        try:
+            yield
+        finally:
+            for param in params:
+                param.ds_active_sub_modules.discard(ROLLOUT_IN_USE)
+
+
+#: The id that marks a ZeRO-3 weight in use by generation (DeepSpeed numbers modules from 0).
+ROLLOUT_IN_USE = -1
 
 
 def release_inference_gathers(accelerator: Any, engine: Any) -> None:
@@ -324,7 +343,8 @@ def run(cfg: PPOConfig, *, on_update: UpdateHook | None = None) -> Path:
     inputs = read_inputs(cfg, state)
     accelerator = Accelerator(gradient_accumulation_steps=layout.micro_batches)
     if is_deepspeed(accelerator):
-        deepspeed_settings(accelerator, cfg, layout.minibatch // layout.micro_batches)
+        deepspeed_settings(accelerator, cfg, layout.minibatch // layout.micro_batches,
+                           hidden_size(inputs.policy_cfg.name_or_path))
 
     with StageRun(cfg, rank=state.process_index, is_main_process=state.is_main_process,
                   x_axis=EPISODE_METRIC) as stage, StopRequest() as stop:
@@ -437,6 +457,7 @@ class Models:
     critic_source: str
     trainable: int
     flops: UpdateFlops
+    gathers: WeightGathers  # counting under ZeRO-3 only
 
     def view(self) -> PPOModels:
         scorer = self.scoring.scorer
@@ -504,7 +525,8 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
                 accelerator.num_processes, layout.rollouts, layout.minibatch, layout.micro_batches, trainable, total,
                 cfg.ppo.advantage_estimator, critic_source,
                 "policy with adapters disabled" if reference is None else "frozen copy", paths.describe())
-    return Models(training, scoring, critic_source, trainable, flops)
+    return Models(training, scoring, critic_source, trainable, flops,
+                  WeightGathers().install() if zero3 else WeightGathers())
 
 
 def memory_per_process(accelerator: Any, models: Models) -> dict[str, list[float]]:
@@ -587,8 +609,10 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     prompt_rows = [prompts[g // cfg.rollout.samples_per_prompt] for g in indices]
     scoring.unwrapped.eval()
     with torch.inference_mode(), scoring.inference():
+        models.gathers.phase("generate")
         rollout = generate_rollout(cfg, scoring, [inputs.train_prompts.prompt_ids[i] for i in prompt_rows], indices)
         phase["generate_s"] = time.perf_counter() - t0
+        models.gathers.phase("score")
         scored = score_rollout(scoring, rollout, [inputs.train_prompts.prompts[i] for i in prompt_rows], phase)
         if fault_injected("nan_scores", update + 1):
             scored.raw_scores[0] = float("nan")
@@ -605,9 +629,11 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     rollout_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    models.gathers.phase("train")
     trained = optimise(cfg, models.training, batch, update, skip=bad, critic_source=models.critic_source,
                        score_stats=loop.score_stats, kl_coef=loop.kl_ctl.value)
     train_s = time.perf_counter() - t1
+    models.gathers.phase(None)
 
     losses = trained.reduced(accelerator, cfg.ppo.num_minibatches)
     drawn = rollout_means(accelerator, rollout, scored, shaped, cfg.rollout.batch_size)
@@ -633,9 +659,25 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
         "perf/train_passes": losses["perf/train_passes"], "perf/train_padding": losses["perf/train_padding"],
         "perf/tokens_per_s": generated / max(rollout_s + train_s, 1e-9),
         **work,
+        **gather_metrics(models),
         **signals,
     }
     return UpdateResult(metrics, trained.bad, prompt_rows, batch.rollout, scored.raw_scores, generated)
+
+
+def gather_metrics(models: Models) -> dict[str, float]:
+    """Under ZeRO-3, how many times this process gathered the weights of the models each phase of the update ran:
+    the policy's in generation, all models' (policy, critic, reference, reward model) in the scoring passes, the
+    policy's and critic's in training. Nothing without ZeRO-3."""
+    gathered = models.gathers.take()
+    if not gathered:
+        return {}
+    size = lambda model: count_parameters(model)[1] if model is not None else 0  # noqa: E731
+    trained = models.training.unwrapped
+    scorer = models.scoring.scorer
+    everything = size(trained) + size(models.scoring.reference) + (size(scorer.model) if scorer is not None else 0)
+    return {f"perf/weight_gathers_{name}": gathered.get(name, 0) / elements
+            for name, elements in (("generate", size(trained.policy)), ("score", everything), ("train", size(trained)))}
 
 
 def alarm_signals(accelerator: Any, rollout: Rollout, raw_scores: torch.Tensor, ngram: int) -> dict[str, float]:
@@ -1250,15 +1292,20 @@ def optimiser_step(accelerator: Any, model: Any, optimizer: Any, loss: torch.Ten
     return True
 
 
-def deepspeed_settings(accelerator: Any, cfg: PPOConfig, micro_batch_size: int) -> None:
+def deepspeed_settings(accelerator: Any, cfg: PPOConfig, micro_batch_size: int, width: int) -> None:
     """What DeepSpeed learns from the PPO config: the micro-batch size (no dataloader goes through prepare()), the
     gradient clipping, and an overflow check in bf16 too, so that a non-finite gradient skips the engine's step
-    (it steps inside the backward, before our loop could look at the gradient)."""
+    (it steps inside the backward, before our loop could look at the gradient); under ZeRO-3, the bucket, live and
+    persistence sizes that the config leaves to DeepSpeed, sized by the policy's ``width``
+    (`rlhf.runtime.zero3_memory_settings`)."""
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
     ds_config["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
     if ds_config.get("bf16", {}).get("enabled") in (True, "auto"):
         ds_config["bf16"]["check_grad_overflow"] = True
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero.update(zero3_memory_settings(zero, width))
 
 
 def compute_dtype(accelerator: Any, model: torch.nn.Module) -> torch.dtype:

@@ -80,6 +80,13 @@ def test_two_processes_give_the_rollouts_losses_and_weights_of_one(tmp_path, eng
     for key in ("perf/flops_generate", "perf/flops_score", "perf/flops_train"):
         assert row_two[key] == row_one[key] > 0, key
     assert 0 < row_two["perf/utilisation"] <= 1
+    # ZeRO-3 gathers the policy's weights once for the whole rollout, not once per generated token (before they were
+    # held for it: 9.8 times for 8 tokens), counted at DeepSpeed's communication backend; training gathers too.
+    if engine == "zero3":
+        assert row_two["perf/weight_gathers_generate"] == pytest.approx(1.0, abs=0.05)
+        assert row_two["perf/weight_gathers_train"] > 0 and row_two["perf/weight_gathers_score"] > 0
+    else:
+        assert "perf/weight_gathers_generate" not in row_two
     # Model state per process, measured: under DDP each process holds all of it; ZeRO-3 shards it in two.
     memory_one, memory_two = (read_manifest(d)["memory_mib"] for d in (one, two))
     assert len(memory_two["peak_rss"]) == 2 and all(m > 0 for m in memory_two["peak_rss"])

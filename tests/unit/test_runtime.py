@@ -99,3 +99,16 @@ def test_fused_adamw_on_cpu_and_cuda_but_not_under_deepspeed():
     plain, deepspeed = (SimpleNamespace(distributed_type=t) for t in (DistributedType.NO, DistributedType.DEEPSPEED))
     assert fused_adamw(plain, "cpu") and fused_adamw(plain, "cuda")
     assert not fused_adamw(plain, "mps") and not fused_adamw(deepspeed, "cuda")
+
+
+def test_zero3_sizes_fill_what_the_config_leaves_to_deepspeed_and_keep_what_it_sets():
+    from rlhf.runtime import zero3_memory_settings
+
+    filled = zero3_memory_settings({"stage": 3, "reduce_bucket_size": 12345, "stage3_prefetch_bucket_size": "auto"},
+                                   hidden_size=768)
+    assert "reduce_bucket_size" not in filled  # the user's value stays
+    assert filled == {"stage3_prefetch_bucket_size": int(0.9 * 768 * 768),
+                      "stage3_param_persistence_threshold": 7680,
+                      "stage3_max_live_parameters": 36 * 768 * 768, "stage3_max_reuse_distance": 36 * 768 * 768}
+    # Below DeepSpeed's defaults at the 100M class (5e8, 1e9), which gather a whole model and keep it gathered.
+    assert filled["stage3_max_live_parameters"] < 1e9 and filled["stage3_prefetch_bucket_size"] < 5e7
