@@ -10,7 +10,8 @@ and a vocabulary of 32768 rows:
   (126M).
 
 For each family a few SFT and reward steps (one process) give PPO its policy, reference, critic start and reward
-model; then PPO runs ``--updates`` updates of 8 rollouts (32 prompt tokens at most, 16 new) in each setting of
+model; then PPO (``configs/recipes/scale-100m/ppo.yaml``) runs ``--updates`` updates of 8 rollouts (32 prompt tokens
+at most, 16 new) in each setting of
 `RUNS`, on this machine's CPU cores with float32 weights (two processes are two ``torchrun`` processes with one core
 each; DeepSpeed takes its ZeRO settings from the environment, as ``accelerate launch`` with
 configs/accelerate/zero{2,3}.yaml exports them). Per run, from its manifest and metrics: the wall time, s/update
@@ -56,11 +57,8 @@ RUNS: dict[str, tuple[str, int, dict[str, str], list[str]]] = {
 }
 UPSTREAM = ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4",
             "logging.report_to=[jsonl]"]
-PPO = ["rollout.batch_size=8", "rollout.max_prompt_len=32", "rollout.max_new_tokens=16", "rollout.micro_batch_size=8",
-       "rollout.score_norm=none", "ppo.ppo_epochs=1", "ppo.num_minibatches=1", "ppo.micro_batch_size=4",
-       "eval.num_prompts=8", "eval.gold_judge=false", "samples_every=1000", "logging.report_to=[jsonl]",
-       # Three SFT and reward steps of random models: the checks of a trained pair do not apply.
-       "checks.reward_gate=false", "checks.min_score_std=0", "checks.min_eos_rate=0", "upstream_configs={}"]
+#: The PPO config every run starts from (the demo's settings, with the measurement's batch, lengths and checks).
+RECIPE = REPO / "configs" / "recipes" / "scale-100m" / "ppo.yaml"
 PHASES = ("generate_s", "policy_value_s", "reference_s", "reward_s", "train_s")
 STATE = ("trained_weights", "optimizer", "reference_weights", "reward_weights")
 GATHERS = ("weight_gathers_generate", "weight_gathers_score", "weight_gathers_train")
@@ -122,8 +120,8 @@ def ppo_run(name: str, workdir: Path, updates: int, sft: Path, reward: Path) -> 
 
     family, processes, env, extra = RUNS[name]
     out = workdir / name
-    args = [f"run_dir={workdir / family}", f"output_dir={out}", f"model.name_or_path={sft}",
-            f"reward_model.name_or_path={reward}", f"ppo.num_updates={updates}", *PPO, *extra]
+    args = ["--config", str(RECIPE), f"run_dir={workdir / family}", f"output_dir={out}", f"model.name_or_path={sft}",
+            f"reward_model.name_or_path={reward}", f"ppo.num_updates={updates}", *extra]
     command_file = out.parent / f"{name}.command.json"
     if read_manifest(out) is not None and command_file.is_file() and json.loads(command_file.read_text()) == args:
         return out

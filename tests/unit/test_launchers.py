@@ -104,3 +104,13 @@ def test_reward_without_sft_output_names_the_command(tmp_path, capsys):
     assert code == EXIT_USER_ERROR
     assert f"{tmp_path}/sft does not exist: the sft stage has not been run" in err
     assert f"accelerate launch launch/sft.py run_dir={tmp_path}" in err
+
+
+def test_the_scale_recipe_loads_and_splits_on_one_and_two_processes():
+    """benchmarks/scale.py runs configs/recipes/scale-100m/ppo.yaml under one and two processes."""
+    from rlhf.config import PPOConfig, load_config
+
+    cfg = load_config(PPOConfig, REPO_ROOT / "configs" / "recipes" / "scale-100m" / "ppo.yaml", [])
+    cfg.validate()
+    assert cfg.batch_layout(1) == (8, 8, 2) and cfg.batch_layout(2) == (4, 4, 1)
+    assert cfg.rollout.max_new_tokens == 16 and cfg.logging.report_to == ["jsonl"]
