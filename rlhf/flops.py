@@ -83,8 +83,10 @@ def model_flops(shape: ModelShape, lengths: Sequence[int], *, backward: bool = F
 def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int | None = None,
                ) -> tuple[float, str]:
     """(FLOP/s, where it comes from) of one process's device: a GPU's dense bf16 peak from `GPU_BF16_PEAKS`;
-    otherwise the fastest of five square matmuls of each size (n = 4096 on a GPU; 512 and 1024 on a CPU, with the
-    current threads) in ``dtype``, measured once per process. ``threads`` only keys the cache."""
+    otherwise the fastest square matmul of each size (n = 4096 on a GPU; 512 and 1024 on a CPU, with the current
+    threads) in ``dtype``, at least five of each and for at least a quarter of a second (a few products can all land
+    on a slow stretch: five gave 102 against 169 GFLOP/s on the same idle machine), measured once per process.
+    ``threads`` only keys the cache."""
     if device.startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device(device))
         for key, peak in GPU_BF16_PEAKS:
@@ -96,7 +98,9 @@ def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, threads:
         # No random numbers: the run's random streams stay untouched.
         a = torch.full((n, n), 0.5, dtype=dtype, device=device)
         b = torch.full((n, n), 0.25, dtype=dtype, device=device)
-        for _ in range(5):
+        began, count = time.perf_counter(), 0
+        while count < 5 or time.perf_counter() - began < 0.25:
+            count += 1
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
