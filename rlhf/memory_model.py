@@ -1,4 +1,4 @@
-"""How much memory one process of a PPO run needs, by component: a model in one function (`predict`), its two
+"""How much memory one process of a PPO run needs, by component: a model in one function (`predict`), its three
 constants fitted on measured runs (`fit`, on ``benchmarks/scale.py``'s runs; `FITTED` holds the fit).
 
 Per process, in bytes, with P processes, s3 = P under ZeRO-3 (else 1), s2 = P under ZeRO-2 or 3, s1 = P under any
@@ -15,8 +15,9 @@ ZeRO stage, and b the bytes of a weight:
 - **gathered** (ZeRO-3): the whole policy, gathered once for the rollout's generation (`gathered_for_generation`),
   and the weights a training pass holds live (``stage3_max_live_parameters``);
 - **activations**: what a training pass keeps for its backward, per token position: a fitted number of bytes per
-  layer and unit of width, and the output head's logits, their log-softmax and its gradient (3 x 4 bytes per
-  vocabulary row, in float32);
+  layer and unit of width (in float32; in proportion for 16-bit weights), and the output head's float32 logits
+  (4 bytes per vocabulary row);
+- **ZeRO-3 overhead**: a fitted number of bytes per parameter of every model the process shards, beyond the shards;
 - **runtime**: the process before any model (interpreter, libraries, allocator), fitted.
 
 Generation and training do not overlap, so the peak is the static part (weights, optimiser, runtime) plus the larger
@@ -97,18 +98,20 @@ def predict(shape: Shape, setting: Setting, constants: Constants) -> dict[str, f
 
 
 def fit(runs: Iterable[tuple[Shape, Setting, float]]) -> Constants:
-    """The constants that fit measured peaks (MiB) best in least squares, with training's transient part the larger
-    (as in every run of `benchmarks/scale.py`): the peak is then linear in the three constants (the runtime, the
-    activation bytes and ZeRO-3's bytes per parameter), plus what they do not touch."""
+    """The constants that fit measured peaks (MiB) best in least squares, bytes kept non-negative: the peak is
+    linear in the three (the runtime, the activation bytes, ZeRO-3's bytes per parameter) as long as the larger
+    transient part stays the one it is without them, which holds for the runs they are fitted on."""
     import numpy as np
 
     rows, targets = [], []
     for shape, setting, measured in runs:
         known = predict(shape, setting, Constants(0.0, 0.0))
         unit = [predict(shape, setting, c) for c in (Constants(0.0, 1.0), Constants(0.0, 0.0, 1.0))]
-        rows.append([1.0, unit[0]["activations"] - known["activations"],
+        # Where generation's gathered policy is the larger transient part, the activations do not set the peak.
+        training_sets_peak = known["training"] >= known["generation_gathered"]
+        rows.append([1.0, (unit[0]["activations"] - known["activations"]) * training_sets_peak,
                      unit[1]["zero3_overhead"] - known["zero3_overhead"]])
-        targets.append(measured - known["static"] - known["training"])
+        targets.append(measured - known["static"] - max(known["training"], known["generation_gathered"]))
     a, b = np.array(rows), np.array(targets)
     used = a.any(axis=0)  # a constant no run measures (no ZeRO-3 run: its bytes) stays 0
     while True:
@@ -124,9 +127,9 @@ def fit(runs: Iterable[tuple[Shape, Setting, float]]) -> Constants:
 #: Fitted by `fit` on the GPT-2 runs of ``benchmarks/scale.py`` (one process at two pass sizes, DDP, ZeRO-2, ZeRO-3,
 #: LoRA under DDP and ZeRO-3; 2-core CPU, float32, torch 2.13, deepspeed 0.19.8): ``python benchmarks/scale.py
 #: --fit``. The runtime holds what the components do not: the interpreter and libraries, and the optimiser step's
-#: temporaries, at which the peak falls (four times the tokens per pass raised it by 81 MiB, which the logits
-#: account for, so the activation bytes fit at 0); ZeRO-3's bytes per parameter are not traced to a component.
-FITTED = Constants(runtime_mib=1610.1, activation_bytes=0.0, zero3_bytes=4.195)
+#: temporaries, at which the peak falls (four times the tokens per pass raised it by 145 MiB, 72 of them the
+#: logits); ZeRO-3's bytes per parameter are not traced to a component.
+FITTED = Constants(runtime_mib=1567.4, activation_bytes=10.86, zero3_bytes=4.480)
 
 
 def scale_run_shape(run: dict[str, Any]) -> tuple[Shape, Setting]:
