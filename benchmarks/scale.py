@@ -136,12 +136,13 @@ def ppo_run(name: str, workdir: Path, updates: int, sft: Path, reward: Path) -> 
 
 
 def parameters(model_dir: Path) -> int:
-    """Elements of the weights saved in ``model_dir`` (read from the safetensors headers, no weights loaded)."""
+    """Elements of the weights saved in ``model_dir`` (their shapes, read without loading the weights)."""
+    from safetensors import safe_open
+
     total = 0
     for path in model_dir.glob("*.safetensors"):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return total
 
 

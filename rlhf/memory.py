@@ -69,8 +69,9 @@ def process_memory(trained: torch.nn.Module, optimizer: Any, **frozen: torch.nn.
 class WeightGathers:
     """Weight elements that ZeRO-3 all-gathers on this process, per phase. Every gather of a parameter's shards ends
     in one of DeepSpeed's communication backend's all-gathers, so counting there misses none; the phase's count
-    divided by the elements of the models it runs is how many times their weights were gathered (generation with
-    the whole-rollout gather: once, whatever the number of tokens; a training pass: forward and backward)."""
+    divided by the elements of the models it runs (``elements``, by phase) is how many times their weights were
+    gathered (generation with the whole-rollout gather: once, whatever the number of tokens; a training pass:
+    forward and backward)."""
 
     #: The backend's all-gathers, and how to read the elements one call gathers from its arguments.
     CALLS = {
@@ -81,7 +82,8 @@ class WeightGathers:
             t.numel() for t in kwargs.get("output_tensors", args[0] if args else [])),
     }
 
-    def __init__(self) -> None:
+    def __init__(self, elements: dict[str, int]) -> None:
+        self.model_elements = elements
         self.elements: dict[str, int] = {}
         self._phase: str | None = None
 
@@ -111,7 +113,9 @@ class WeightGathers:
         """Charge the gathers from now on to phase ``name`` (None: to none)."""
         self._phase = name
 
-    def take(self) -> dict[str, int]:
-        """The elements gathered per phase since the last take."""
-        out, self.elements = self.elements, {}
-        return out
+    def take(self) -> dict[str, float]:
+        """How many times each phase gathered its models' weights since the last take (nothing when none was)."""
+        gathered, self.elements = self.elements, {}
+        if not gathered:
+            return {}
+        return {phase: gathered.get(phase, 0) / size for phase, size in self.model_elements.items()}

@@ -150,13 +150,12 @@ def prepare_frozen(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
     import deepspeed
 
     plugin_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    stage = plugin_config.get("zero_optimization", {}).get("stage", 0)
     zero = plugin_config.get("zero_optimization", {})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": plugin_config["train_micro_batch_size_per_gpu"],
         # Sharded and gathered as the trained engine is (its sizes, `deepspeed_settings`).
         "zero_optimization": {"stage": 3, **{key: zero[key] for key in ZERO3_SIZED_BY_HIDDEN if key in zero}}
-        if stage == 3 else {"stage": 0},
+        if zero.get("stage", 0) == 3 else {"stage": 0},
     }
     for precision in ("bf16", "fp16"):
         if plugin_config.get(precision, {}).get("enabled") is True:
@@ -525,8 +524,7 @@ def build_models(cfg: PPOConfig, accelerator: Any, inputs: Inputs, layout: Batch
                 accelerator.num_processes, layout.rollouts, layout.minibatch, layout.micro_batches, trainable, total,
                 cfg.ppo.advantage_estimator, critic_source,
                 "policy with adapters disabled" if reference is None else "frozen copy", paths.describe())
-    return Models(training, scoring, critic_source, trainable, flops,
-                  WeightGathers().install() if zero3 else WeightGathers())
+    return Models(training, scoring, critic_source, trainable, flops, weight_gathers(zero3, scoring))
 
 
 def memory_per_process(accelerator: Any, models: Models) -> dict[str, list[float]]:
@@ -665,19 +663,21 @@ def ppo_update(cfg: PPOConfig, models: Models, inputs: Inputs, prompts: PromptSt
     return UpdateResult(metrics, trained.bad, prompt_rows, batch.rollout, scored.raw_scores, generated)
 
 
-def gather_metrics(models: Models) -> dict[str, float]:
-    """Under ZeRO-3, how many times this process gathered the weights of the models each phase of the update ran:
-    the policy's in generation, all models' (policy, critic, reference, reward model) in the scoring passes, the
-    policy's and critic's in training. Nothing without ZeRO-3."""
-    gathered = models.gathers.take()
-    if not gathered:
-        return {}
+def weight_gathers(zero3: bool, scoring: Scoring) -> WeightGathers:
+    """The count of the weights ZeRO-3 gathers per phase, installed under ZeRO-3 only, against the models each phase
+    runs: the policy in generation, all of them (policy, critic, reference, reward model) in the scoring passes, the
+    policy and critic in training."""
+    if not zero3:
+        return WeightGathers({})
     size = lambda model: count_parameters(model)[1] if model is not None else 0  # noqa: E731
-    trained = models.training.unwrapped
-    scorer = models.scoring.scorer
-    everything = size(trained) + size(models.scoring.reference) + (size(scorer.model) if scorer is not None else 0)
-    return {f"perf/weight_gathers_{name}": gathered.get(name, 0) / elements
-            for name, elements in (("generate", size(trained.policy)), ("score", everything), ("train", size(trained)))}
+    trained, scorer = scoring.unwrapped, scoring.scorer
+    everything = size(trained) + size(scoring.reference) + (size(scorer.model) if scorer is not None else 0)
+    return WeightGathers({"generate": size(trained.policy), "score": everything, "train": size(trained)}).install()
+
+
+def gather_metrics(models: Models) -> dict[str, float]:
+    """Under ZeRO-3, how many times this process gathered each phase's weights in the update; nothing without."""
+    return {f"perf/weight_gathers_{phase}": times for phase, times in models.gathers.take().items()}
 
 
 def alarm_signals(accelerator: Any, rollout: Rollout, raw_scores: torch.Tensor, ngram: int) -> dict[str, float]:
@@ -1090,12 +1090,14 @@ class UpdateStats:
     bad: str | None = None
     passes: int = 0
     positions: int = 0
-    tokens: int = 0
+    tokens: torch.Tensor | None = None
 
     def count_pass(self, rollout: Rollout) -> None:
+        """One pass over ``rollout``: its positions from the shapes, its tokens summed on the device (no sync)."""
         self.passes += 1
-        self.positions += rollout.attention_mask.numel()
-        self.tokens += int(rollout.attention_mask.sum())
+        self.positions += rollout.prompt_ids.shape[0] * (rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1])
+        tokens = (rollout.prompt_mask.sum() + rollout.response_mask.sum()).double()
+        self.tokens = tokens if self.tokens is None else self.tokens + tokens
 
     @classmethod
     def zeros(cls, device: Any, bad: str | None, names: tuple[str, ...] = LOSS_METRICS) -> "UpdateStats":
@@ -1105,12 +1107,13 @@ class UpdateStats:
     def reduced(self, accelerator: Any, num_minibatches: int) -> dict[str, float]:
         """Means over the minibatches run on all processes, the log-prob gap, the passes per process and the share
         of the positions trained that were padding: one reduce."""
-        counts = torch.tensor([self.passes, self.positions, self.tokens], dtype=torch.float64,
-                              device=self.logprob_gap.device)
-        totals = accelerator.reduce(torch.cat([torch.stack([*self.sums.values(), self.logprob_gap]), counts]), "sum")
+        counts = torch.tensor([self.passes, self.positions], dtype=torch.float64, device=self.logprob_gap.device)
+        tokens = self.tokens if self.tokens is not None else torch.zeros((), dtype=torch.float64, device=counts.device)
+        totals = accelerator.reduce(torch.cat([torch.stack([*self.sums.values(), self.logprob_gap, tokens]), counts]),
+                                    "sum")
         means = totals[:-4] / max(self.epochs * num_minibatches, 1)
-        passes, positions, tokens = totals[-3:].tolist()
-        return {**dict(zip(self.sums, means.tolist())), "ppo/logprob_gap": totals[-4].item(),
+        gap, tokens, passes, positions = totals[-4:].tolist()
+        return {**dict(zip(self.sums, means.tolist())), "ppo/logprob_gap": gap,
                 "perf/train_passes": passes / accelerator.num_processes,
                 "perf/train_padding": 1 - tokens / positions if positions else 0.0}
 

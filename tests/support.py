@@ -288,6 +288,14 @@ def spy_on_packed_products(monkeypatch) -> list:
     return products
 
 
+def tiny_ppo_inputs(root: Path, prompts: int, eval_prompts: int) -> tuple[Path, Path, Path, Path, Path]:
+    """PPO's inputs in ``root``: the tiny SFT policy and reward model, and that many demo prompts and held-out
+    prompts; ``(root, sft, reward, prompts, eval_prompts)``."""
+    sft, rm = save_tiny_sft_and_reward(root)
+    return (root, sft, rm, write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", prompts)),
+            write_jsonl(root / "eval.jsonl", demo_rows("eval_prompts.jsonl", eval_prompts)))
+
+
 #: Accelerate's environment for DeepSpeed ZeRO-3 (what `accelerate launch` exports from configs/accelerate/zero3.yaml),
 #: for torchrun, which starts two CPU processes that see each other.
 ZERO3_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",

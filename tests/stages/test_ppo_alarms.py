@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import demo_rows, save_tiny_sft_and_reward, write_jsonl
+from support import tiny_ppo_inputs
 
 from rlhf.checkpoint import list_checkpoints, read_manifest
 from rlhf.config import PPOConfig, load_config
@@ -19,11 +19,7 @@ from stages import ppo
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("alarms")
-    sft, rm = save_tiny_sft_and_reward(root)
-    prompts = write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", 24))
-    eval_prompts = write_jsonl(root / "eval.jsonl", demo_rows("eval_prompts.jsonl", 4))
-    return root, sft, rm, prompts, eval_prompts
+    return tiny_ppo_inputs(tmp_path_factory.mktemp("alarms"), prompts=24, eval_prompts=4)
 
 
 def config(files, name, *extra) -> PPOConfig:

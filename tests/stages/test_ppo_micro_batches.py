@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from support import demo_rows, save_tiny_sft_and_reward, write_jsonl
+from support import tiny_ppo_inputs
 
 from rlhf.config import PPOConfig, load_config
 from rlhf.errors import ConfigError
@@ -64,11 +64,7 @@ def test_a_budget_below_the_longest_row_is_a_config_error():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_tokens")
-    sft, rm = save_tiny_sft_and_reward(root)
-    prompts = write_jsonl(root / "prompts.jsonl", demo_rows("prompts.jsonl", 80))
-    eval_prompts = write_jsonl(root / "eval.jsonl", demo_rows("eval_prompts.jsonl", 8))
-    return root, sft, rm, prompts, eval_prompts
+    return tiny_ppo_inputs(tmp_path_factory.mktemp("ppo_tokens"), prompts=80, eval_prompts=8)
 
 
 def _first_gradient(setup, name, *extra):
